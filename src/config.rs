@@ -1,0 +1,420 @@
+//! The TOML configuration: parsed strictly (unknown keys are errors), defaults in one
+//! place, and validated as a whole so that `tokenwarden check` reports every problem with
+//! its field path at once.
+//!
+//! Secrets never live in the file: a provider names the environment variable that holds
+//! its key (`api_key_env`), and an agent is known only by the SHA-256 of its virtual key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default bound on a request body: images travel as base64, so this is generous.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub providers: Vec<ProviderConfig>,
+    #[serde(default)]
+    pub agents: Vec<AgentConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the main listener, the one SDKs talk to.
+    pub listen: String,
+    /// Requests with a larger body are answered 413 without reaching the provider.
+    pub max_body_bytes: u64,
+    /// A client must send its request headers within this time.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// On SIGTERM or SIGINT, in-flight requests get this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Open client connections beyond this wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Serve TLS on the main listener.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            header_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            max_connections: 10_000,
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`, `/admin/...`).
+    pub listen: String,
+    /// Name of the environment variable holding the admin bearer token.
+    pub token_env: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9090".into(),
+            token_env: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Where the audit log and ledger snapshots live. Relative paths are taken from the
+    /// directory of the config file.
+    pub dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { dir: "data".into() }
+    }
+}
+
+/// Time limits and pooling of the connections to providers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// From sending the request to receiving the response headers.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two chunks of a response body.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Longest a whole request may take, headers and body.
+    #[serde(with = "humantime_serde")]
+    pub total_timeout: Duration,
+    /// Pooled keep-alive connections are closed after this long unused.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout: Duration::from_secs(5),
+            // Reasoning models can think for minutes before the first header.
+            first_byte_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(120),
+            total_timeout: Duration::from_secs(30 * 60),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKindConfig {
+    /// The OpenAI wire format; also vLLM, Ollama and any compatible server.
+    Openai,
+    Anthropic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKindConfig,
+    /// Scheme, host and optional path prefix of the provider, e.g. `https://api.openai.com`.
+    pub base_url: String,
+    /// Path prefix on the proxy; `/` takes every path no other prefix matches.
+    pub prefix: String,
+    /// Environment variable holding the provider's API key; none means no key is sent.
+    pub api_key_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub id: String,
+    pub team: Option<String>,
+    /// Lower-case hex SHA-256 of the agent's virtual key (`tokenwarden keys new`).
+    pub key_sha256: String,
+}
+
+// === loading ===
+
+/// Every problem found in a config file, each as `field.path: what is wrong`.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .problems.join("\n  "))]
+pub struct ConfigErrors {
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative `storage.dir` is resolved
+    /// against the file's directory, so the proxy behaves the same from any working dir.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        let mut config = Config::parse(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if config.storage.dir.is_relative() {
+            if let Some(parent) = path.parent() {
+                config.storage.dir = parent.join(&config.storage.dir);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigErrors {
+            problems: vec![e.to_string().trim_end().replace('\n', "\n  ")],
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the whole config and reports every problem, not just the first.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut problems = Vec::new();
+        let mut bad = |field: String, msg: &str| problems.push(format!("{field}: {msg}"));
+
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            bad("server.listen".into(), "expected an address like 127.0.0.1:8080");
+        }
+        if self.server.max_body_bytes == 0 {
+            bad("server.max_body_bytes".into(), "must be greater than 0");
+        }
+        if self.server.max_connections == 0 {
+            bad("server.max_connections".into(), "must be greater than 0");
+        }
+        if self.admin.listen.parse::<SocketAddr>().is_err() {
+            bad("admin.listen".into(), "expected an address like 127.0.0.1:9090");
+        }
+        if let Some(env) = &self.admin.token_env {
+            if !is_env_name(env) {
+                bad("admin.token_env".into(), "not a valid environment variable name");
+            }
+        }
+        for (name, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.first_byte_timeout", self.upstream.first_byte_timeout),
+            ("upstream.idle_timeout", self.upstream.idle_timeout),
+            ("upstream.total_timeout", self.upstream.total_timeout),
+            ("server.header_read_timeout", self.server.header_read_timeout),
+        ] {
+            if d.is_zero() {
+                bad(name.into(), "must be greater than 0");
+            }
+        }
+
+        if self.providers.is_empty() {
+            bad("providers".into(), "at least one provider is needed");
+        }
+        for (i, p) in self.providers.iter().enumerate() {
+            let at = |field: &str| format!("providers[{i}].{field}");
+            if p.name.is_empty() {
+                bad(at("name"), "must not be empty");
+            }
+            if self.providers[..i].iter().any(|q| q.name == p.name) {
+                bad(at("name"), &format!("duplicate provider name {:?}", p.name));
+            }
+            if let Err(msg) = check_base_url(&p.base_url) {
+                bad(at("base_url"), msg);
+            }
+            if let Err(msg) = check_prefix(&p.prefix) {
+                bad(at("prefix"), msg);
+            }
+            if self.providers[..i].iter().any(|q| q.prefix == p.prefix) {
+                bad(at("prefix"), &format!("prefix {:?} is used twice", p.prefix));
+            }
+            if let Some(env) = &p.api_key_env {
+                if !is_env_name(env) {
+                    bad(at("api_key_env"), "not a valid environment variable name");
+                }
+            }
+        }
+
+        for (i, a) in self.agents.iter().enumerate() {
+            let at = |field: &str| format!("agents[{i}].{field}");
+            if a.id.is_empty() {
+                bad(at("id"), "must not be empty");
+            }
+            if self.agents[..i].iter().any(|b| b.id == a.id) {
+                bad(at("id"), &format!("duplicate agent id {:?}", a.id));
+            }
+            if parse_sha256(&a.key_sha256).is_none() {
+                bad(
+                    at("key_sha256"),
+                    "expected 64 hex characters (the SHA-256 of the virtual key)",
+                );
+            } else if self.agents[..i]
+                .iter()
+                .any(|b| b.key_sha256.eq_ignore_ascii_case(&a.key_sha256))
+            {
+                bad(at("key_sha256"), "the same key is given to two agents");
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors { problems })
+        }
+    }
+}
+
+/// Parses a 64-character hex SHA-256 digest.
+pub fn parse_sha256(hex_digest: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_digest, &mut out).ok()?;
+    Some(out)
+}
+
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn check_base_url(url: &str) -> Result<(), &'static str> {
+    let uri: http::Uri = url.parse().map_err(|_| "not a valid URL")?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err("must start with http:// or https://"),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("has no host");
+    }
+    if uri.query().is_some() {
+        return Err("must not carry a query string");
+    }
+    Ok(())
+}
+
+fn check_prefix(prefix: &str) -> Result<(), &'static str> {
+    if !prefix.starts_with('/') {
+        return Err("must start with /");
+    }
+    if prefix.len() > 1 && prefix.ends_with('/') {
+        return Err("must not end with / (except the catch-all \"/\")");
+    }
+    if prefix.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("must not contain . or .. segments");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn minimal() -> String {
+        format!(
+            r#"
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "https://api.openai.com"
+prefix = "/openai"
+api_key_env = "OPENAI_API_KEY"
+
+[[agents]]
+id = "bot"
+key_sha256 = "{KEY_HASH}"
+"#
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(&minimal()).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.providers[0].kind, ProviderKindConfig::Openai);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let text = minimal().replace("prefix = \"/openai\"", "prefix = \"/openai\"\nprefx = 1");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("prefx"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+[server]
+listen = "nowhere"
+[[providers]]
+name = "a"
+kind = "openai"
+base_url = "ftp://x"
+prefix = "a/"
+[[providers]]
+name = "a"
+kind = "anthropic"
+base_url = "https://x"
+prefix = "/b/../c"
+api_key_env = "1BAD"
+[[agents]]
+id = "bot"
+key_sha256 = "nothex"
+[[agents]]
+id = "bot"
+key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+"#;
+        let err = Config::parse(text).unwrap_err();
+        let want = [
+            "server.listen:",
+            "providers[0].base_url:",
+            "providers[0].prefix:",
+            "providers[1].name: duplicate",
+            "providers[1].prefix:",
+            "providers[1].api_key_env:",
+            "agents[0].key_sha256:",
+            "agents[1].id: duplicate",
+        ];
+        for w in want {
+            assert!(err.problems.iter().any(|p| p.starts_with(w)), "missing {w} in {err}");
+        }
+        assert_eq!(err.problems.len(), want.len(), "{err}");
+    }
+
+    #[test]
+    fn durations_are_humantime() {
+        let text = format!("[upstream]\nidle_timeout = \"1m 30s\"\n{}", minimal());
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.upstream.idle_timeout, Duration::from_secs(90));
+    }
+}

@@ -1,0 +1,147 @@
+//! Who is calling: the virtual key in `Authorization: Bearer …` or `x-api-key: …` names an
+//! agent. Only SHA-256 digests of keys are stored, and a presented key is compared against
+//! every agent's digest in constant time.
+
+use std::sync::Arc;
+
+use http::header::{HeaderMap, AUTHORIZATION};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{parse_sha256, AgentConfig};
+
+pub const X_API_KEY: &str = "x-api-key";
+
+/// An agent as the proxy knows it: named in config, never by its key.
+#[derive(Debug)]
+pub struct Agent {
+    pub id: String,
+    pub team: Option<String>,
+}
+
+/// The table of virtual-key digests.
+#[derive(Debug, Default)]
+pub struct Identities {
+    agents: Vec<([u8; 32], Arc<Agent>)>,
+}
+
+impl Identities {
+    /// Builds the table from validated config; agents with an unparsable digest (which
+    /// validation rejects) are left out rather than trusted.
+    pub fn from_config(agents: &[AgentConfig]) -> Self {
+        let agents = agents
+            .iter()
+            .filter_map(|a| {
+                let digest = parse_sha256(&a.key_sha256)?;
+                let agent = Agent {
+                    id: a.id.clone(),
+                    team: a.team.clone(),
+                };
+                Some((digest, Arc::new(agent)))
+            })
+            .collect();
+        Identities { agents }
+    }
+
+    /// The agent whose key the request carries, if any. Every digest is compared, with no
+    /// early exit, so the time taken does not depend on which agent (if any) matched.
+    pub fn identify(&self, headers: &HeaderMap) -> Option<Arc<Agent>> {
+        let key = presented_key(headers)?;
+        let digest: [u8; 32] = Sha256::digest(key).into();
+        let mut found = None;
+        for (candidate, agent) in &self.agents {
+            if bool::from(candidate.ct_eq(&digest)) {
+                found = Some(agent);
+            }
+        }
+        found.cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+}
+
+/// The credential the client sent: a Bearer token (OpenAI SDKs, Anthropic SDK 2.x) or an
+/// `x-api-key` header (Anthropic SDK 1.x).
+fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(value) = headers.get(AUTHORIZATION) {
+        let bytes = value.as_bytes();
+        let scheme = bytes.get(..7)?;
+        if scheme.eq_ignore_ascii_case(b"bearer ") {
+            let token = bytes[7..].trim_ascii();
+            return (!token.is_empty()).then_some(token);
+        }
+        return None;
+    }
+    let token = headers.get(X_API_KEY)?.as_bytes().trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// A fresh virtual key: 256 bits from the OS generator, hex, with a recognisable prefix.
+pub fn new_virtual_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("tw-{}", hex::encode(bytes))
+}
+
+/// Lower-case hex SHA-256 of a key, as written in `agents.key_sha256`.
+pub fn key_digest_hex(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn table() -> Identities {
+        Identities::from_config(&[
+            AgentConfig {
+                id: "a".into(),
+                team: None,
+                key_sha256: key_digest_hex("key-a"),
+            },
+            AgentConfig {
+                id: "b".into(),
+                team: Some("t".into()),
+                key_sha256: key_digest_hex("key-b"),
+            },
+        ])
+    }
+
+    fn headers(name: &'static str, value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn bearer_and_x_api_key_both_identify() {
+        let t = table();
+        assert_eq!(t.identify(&headers("authorization", "Bearer key-a")).unwrap().id, "a");
+        assert_eq!(t.identify(&headers("authorization", "bearer key-b")).unwrap().id, "b");
+        assert_eq!(t.identify(&headers("x-api-key", "key-b")).unwrap().id, "b");
+    }
+
+    #[test]
+    fn unknown_missing_or_malformed_keys_identify_no_one() {
+        let t = table();
+        assert!(t.identify(&headers("authorization", "Bearer key-c")).is_none());
+        assert!(t.identify(&headers("authorization", "Basic a2V5LWE=")).is_none());
+        assert!(t.identify(&headers("authorization", "Bearer ")).is_none());
+        assert!(t.identify(&headers("x-api-key", "")).is_none());
+        assert!(t.identify(&HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn new_keys_are_distinct_and_match_their_digest() {
+        let (k1, k2) = (new_virtual_key(), new_virtual_key());
+        assert_ne!(k1, k2);
+        assert_eq!(k1.len(), 3 + 64);
+        assert_eq!(key_digest_hex(&k1).len(), 64);
+    }
+}

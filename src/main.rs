@@ -1,0 +1,164 @@
+//! The command line: parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokenwarden::config::Config;
+use tokenwarden::proxy::{AppState, Live};
+use tokenwarden::server::{self, Listeners};
+
+#[derive(Parser)]
+#[command(name = "tokenwarden", version, about = "The meter, the budget and the brake between agents and LLM providers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        #[arg(long, default_value = "config/tokenwarden.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and report every problem.
+    Check {
+        #[arg(long, default_value = "config/tokenwarden.toml")]
+        config: PathBuf,
+    },
+    /// Manage virtual keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Run the scriptable mock provider (for tests, benchmarks and trying things out).
+    Mock {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: String,
+        /// Keep no log of requests (for load tests).
+        #[arg(long)]
+        no_record: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a fresh virtual key once, with the config line that admits it.
+    New {
+        #[arg(long)]
+        agent: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    match cli.command {
+        Command::Serve { config } => runtime()?.block_on(serve(config)),
+        Command::Check { config } => check(&config),
+        Command::Keys {
+            command: KeysCommand::New { agent },
+        } => {
+            let key = tokenwarden::identity::new_virtual_key();
+            let digest = tokenwarden::identity::key_digest_hex(&key);
+            say(&format!(
+                "virtual key for agent {agent:?} (shown once, store it now):\n  {key}\n\n\
+                 add to the config:\n  [[agents]]\n  id = {agent:?}\n  key_sha256 = \"{digest}\""
+            ));
+            Ok(())
+        }
+        Command::Mock { listen, no_record } => runtime()?.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            say(&format!("mock provider listening on http://{}", listener.local_addr()?));
+            tokio::select! {
+                _ = tokenwarden::mock::Mock::new(!no_record).serve(listener) => {}
+                _ = shutdown_signal() => {}
+            }
+            Ok(())
+        }),
+    }
+}
+
+/// Writes a line for the person (or test) that started the command.
+#[allow(clippy::print_stdout)]
+fn say(line: &str) {
+    println!("{line}");
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn load_live(path: &std::path::Path) -> anyhow::Result<Live> {
+    let config = Config::load(path)?;
+    let live = Live::new(config, |name| std::env::var(name).ok())?;
+    for provider in live.router.providers() {
+        if let Err(env) = provider.credential() {
+            tracing::warn!(
+                provider = provider.name,
+                "environment variable {env} is not set: requests to this provider will be refused"
+            );
+        }
+    }
+    Ok(live)
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let live = load_live(path)?;
+    if let Some(tls) = &live.config.server.tls {
+        server::tls_acceptor(tls)?;
+    }
+    say(&format!(
+        "{}: ok ({} providers, {} agents)",
+        path.display(),
+        live.router.providers().len(),
+        live.identities.len()
+    ));
+    Ok(())
+}
+
+async fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let live = load_live(&path)?;
+    let listeners = Listeners::bind(&live.config.server.listen, &live.config.admin.listen).await?;
+    let scheme = if live.config.server.tls.is_some() { "https" } else { "http" };
+    say(&format!(
+        "tokenwarden listening on {scheme}://{} (admin http://{})",
+        listeners.proxy.local_addr()?,
+        listeners.admin.local_addr()?
+    ));
+    let state = Arc::new(AppState::new(live));
+    server::run(state, listeners, shutdown_signal()).await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

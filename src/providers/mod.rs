@@ -1,0 +1,291 @@
+//! Providers: where a path prefix leads, which credential header the provider expects,
+//! and how its errors look. One file per wire format.
+
+pub mod anthropic;
+pub mod openai;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{StatusCode, Uri};
+
+use crate::config::{ProviderConfig, ProviderKindConfig};
+use crate::identity::X_API_KEY;
+use crate::secret::Secret;
+
+/// The wire format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    OpenAi,
+    Anthropic,
+}
+
+/// What went wrong, in words both providers' SDKs map to an exception class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    InvalidRequest,
+    Authentication,
+    NotFound,
+    RequestTooLarge,
+    Unavailable,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+}
+
+impl ErrorClass {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorClass::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorClass::Authentication => StatusCode::UNAUTHORIZED,
+            ErrorClass::NotFound => StatusCode::NOT_FOUND,
+            ErrorClass::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorClass::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ErrorClass::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+impl ProviderKind {
+    /// An error body in this provider's own shape, so SDKs raise their usual exceptions.
+    pub fn error_body(self, class: ErrorClass, message: &str) -> Bytes {
+        match self {
+            ProviderKind::OpenAi => openai::error_body(class, message),
+            ProviderKind::Anthropic => anthropic::error_body(class, message),
+        }
+    }
+}
+
+impl From<ProviderKindConfig> for ProviderKind {
+    fn from(kind: ProviderKindConfig) -> Self {
+        match kind {
+            ProviderKindConfig::Openai => ProviderKind::OpenAi,
+            ProviderKindConfig::Anthropic => ProviderKind::Anthropic,
+        }
+    }
+}
+
+/// A configured upstream, ready to build request URIs and credentials.
+#[derive(Debug)]
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub prefix: String,
+    scheme: Scheme,
+    authority: Authority,
+    /// Path of `base_url` without a trailing slash; empty for a bare host.
+    base_path: String,
+    credential: Credential,
+}
+
+#[derive(Debug)]
+enum Credential {
+    /// The provider takes no key.
+    None,
+    /// The header to set, value marked sensitive so hyper never logs it.
+    Header(HeaderName, Secret<HeaderValue>),
+    /// `api_key_env` names a variable that is not set; requests are refused with a
+    /// clear message rather than sent without a key.
+    Missing(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("providers.{name}.base_url: {reason}")]
+    BaseUrl { name: String, reason: String },
+    #[error("providers.{name}.api_key_env: the key in {env} is not a valid header value")]
+    BadKey { name: String, env: String },
+}
+
+impl Provider {
+    /// Builds a provider from validated config, reading its key through `lookup_env`.
+    pub fn from_config(
+        cfg: &ProviderConfig,
+        lookup_env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Provider, ProviderError> {
+        let base_err = |reason: &str| ProviderError::BaseUrl {
+            name: cfg.name.clone(),
+            reason: reason.into(),
+        };
+        let uri: Uri = cfg.base_url.parse().map_err(|_| base_err("not a URL"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| base_err("no scheme"))?;
+        let authority = uri.authority().cloned().ok_or_else(|| base_err("no host"))?;
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        let kind = ProviderKind::from(cfg.kind);
+
+        let credential = match &cfg.api_key_env {
+            None => Credential::None,
+            Some(env) => match lookup_env(env).filter(|k| !k.is_empty()) {
+                None => Credential::Missing(env.clone()),
+                Some(key) => {
+                    let (name, value) = match kind {
+                        ProviderKind::OpenAi => (AUTHORIZATION, format!("Bearer {key}")),
+                        ProviderKind::Anthropic => {
+                            (HeaderName::from_static(X_API_KEY), key.clone())
+                        }
+                    };
+                    let mut value =
+                        HeaderValue::from_str(&value).map_err(|_| ProviderError::BadKey {
+                            name: cfg.name.clone(),
+                            env: env.clone(),
+                        })?;
+                    value.set_sensitive(true);
+                    Credential::Header(name, Secret::new(value))
+                }
+            },
+        };
+
+        Ok(Provider {
+            name: cfg.name.clone(),
+            kind,
+            prefix: cfg.prefix.clone(),
+            scheme,
+            authority,
+            base_path,
+            credential,
+        })
+    }
+
+    /// The upstream URI for the part of the path after the prefix, with the query kept.
+    pub fn upstream_uri(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let mut path = String::with_capacity(
+            self.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
+        );
+        path.push_str(&self.base_path);
+        if !rest.starts_with('/') {
+            path.push('/');
+        }
+        path.push_str(rest);
+        if let Some(q) = query {
+            path.push('?');
+            path.push_str(q);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(PathAndQuery::try_from(path)?)
+            .build()
+    }
+
+    /// The header carrying the provider's real key, or why there is none to send.
+    /// `Ok(None)` means this provider takes no key.
+    pub fn credential(&self) -> Result<Option<(&HeaderName, &HeaderValue)>, &str> {
+        match &self.credential {
+            Credential::None => Ok(None),
+            Credential::Header(name, value) => Ok(Some((name, value.expose()))),
+            Credential::Missing(env) => Err(env),
+        }
+    }
+}
+
+/// Finds the provider for a path: the longest matching prefix wins, matching whole
+/// path segments only (`/openai` takes `/openai/v1/...` but not `/openaiX`).
+#[derive(Debug, Default)]
+pub struct Router {
+    /// Sorted by prefix length, longest first.
+    providers: Vec<Provider>,
+}
+
+impl Router {
+    pub fn new(mut providers: Vec<Provider>) -> Self {
+        providers.sort_by_key(|p| std::cmp::Reverse(p.prefix.len()));
+        Router { providers }
+    }
+
+    /// The provider and the rest of the path to append to its base URL.
+    pub fn route<'p>(&self, path: &'p str) -> Option<(&Provider, &'p str)> {
+        self.providers.iter().find_map(|p| {
+            if p.prefix == "/" {
+                return Some((p, path));
+            }
+            let rest = path.strip_prefix(p.prefix.as_str())?;
+            (rest.is_empty() || rest.starts_with('/')).then_some((p, rest))
+        })
+    }
+
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(name: &str, kind: ProviderKindConfig, base: &str, prefix: &str) -> Provider {
+        let cfg = ProviderConfig {
+            name: name.into(),
+            kind,
+            base_url: base.into(),
+            prefix: prefix.into(),
+            api_key_env: Some("KEY".into()),
+        };
+        Provider::from_config(&cfg, |_| Some("sk-real".into())).unwrap()
+    }
+
+    fn router() -> Router {
+        Router::new(vec![
+            provider("any", ProviderKindConfig::Openai, "http://local:8000/base/", "/"),
+            provider("oa", ProviderKindConfig::Openai, "https://api.openai.com", "/openai"),
+            provider("an", ProviderKindConfig::Anthropic, "https://api.anthropic.com", "/anthropic"),
+            provider("oa2", ProviderKindConfig::Openai, "https://eu.example", "/openai/eu"),
+        ])
+    }
+
+    #[test]
+    fn longest_prefix_wins_on_segment_boundaries() {
+        let r = router();
+        let (p, rest) = r.route("/openai/v1/chat/completions").unwrap();
+        assert_eq!((p.name.as_str(), rest), ("oa", "/v1/chat/completions"));
+        let (p, rest) = r.route("/openai/eu/v1/models").unwrap();
+        assert_eq!((p.name.as_str(), rest), ("oa2", "/v1/models"));
+        let (p, rest) = r.route("/openaiX/v1").unwrap();
+        assert_eq!((p.name.as_str(), rest), ("any", "/openaiX/v1"));
+        let (p, rest) = r.route("/anthropic").unwrap();
+        assert_eq!((p.name.as_str(), rest), ("an", ""));
+    }
+
+    #[test]
+    fn no_catch_all_means_no_route() {
+        let r = Router::new(vec![provider("oa", ProviderKindConfig::Openai, "https://a", "/openai")]);
+        assert!(r.route("/v1/models").is_none());
+    }
+
+    #[test]
+    fn upstream_uri_keeps_base_path_and_query() {
+        let r = router();
+        let (p, rest) = r.route("/v1/models").unwrap();
+        assert_eq!(
+            p.upstream_uri(rest, Some("limit=2")).unwrap().to_string(),
+            "http://local:8000/base/v1/models?limit=2"
+        );
+        let (p, rest) = r.route("/anthropic").unwrap();
+        assert_eq!(p.upstream_uri(rest, None).unwrap().to_string(), "https://api.anthropic.com/");
+    }
+
+    #[test]
+    fn credentials_use_each_providers_header_and_hide_the_key() {
+        let r = router();
+        let (p, _) = r.route("/openai/v1").unwrap();
+        let (name, value) = p.credential().unwrap().unwrap();
+        assert_eq!((name.as_str(), value.to_str().unwrap()), ("authorization", "Bearer sk-real"));
+        assert!(value.is_sensitive());
+        let (p, _) = r.route("/anthropic/v1").unwrap();
+        let (name, _) = p.credential().unwrap().unwrap();
+        assert_eq!(name.as_str(), "x-api-key");
+        assert!(!format!("{p:?}").contains("sk-real"));
+    }
+
+    #[test]
+    fn a_missing_key_variable_is_reported_not_skipped() {
+        let cfg = ProviderConfig {
+            name: "oa".into(),
+            kind: ProviderKindConfig::Openai,
+            base_url: "https://a".into(),
+            prefix: "/openai".into(),
+            api_key_env: Some("NOT_SET".into()),
+        };
+        let p = Provider::from_config(&cfg, |_| None).unwrap();
+        assert_eq!(p.credential().unwrap_err(), "NOT_SET");
+    }
+}

@@ -1,0 +1,86 @@
+//! Everything that stops a request inside the proxy, and the one place that turns it
+//! into a response in the provider's own error shape.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::Response;
+use http_body_util::{Either, Full};
+
+use crate::providers::{ErrorClass, ProviderKind};
+
+/// Response header naming the request in the proxy's logs (and later its audit log).
+pub const REQUEST_ID_HEADER: &str = "x-tokenwarden-request-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no provider is configured for this path")]
+    NoRoute,
+    #[error("the path must not contain . or .. segments or encoded slashes")]
+    UnsafePath,
+    #[error("missing or unknown API key")]
+    Unauthorized,
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("could not read the request body")]
+    BodyRead,
+    #[error("provider {provider} has no API key: environment variable {env} is not set")]
+    ProviderKeyMissing { provider: String, env: String },
+    #[error("provider {provider} is unreachable")]
+    UpstreamUnreachable { provider: String },
+    #[error("provider {provider} closed the connection without answering")]
+    UpstreamClosed { provider: String },
+    #[error("provider {provider} sent no response within {timeout}")]
+    FirstByteTimeout { provider: String, timeout: String },
+    #[error("invalid upstream request")]
+    BadUpstreamRequest,
+}
+
+impl ProxyError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ProxyError::NoRoute => ErrorClass::NotFound,
+            ProxyError::UnsafePath | ProxyError::BodyRead | ProxyError::BadUpstreamRequest => {
+                ErrorClass::InvalidRequest
+            }
+            ProxyError::Unauthorized => ErrorClass::Authentication,
+            ProxyError::BodyTooLarge { .. } => ErrorClass::RequestTooLarge,
+            ProxyError::ProviderKeyMissing { .. } => ErrorClass::Unavailable,
+            ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamClosed { .. } => {
+                ErrorClass::UpstreamUnreachable
+            }
+            ProxyError::FirstByteTimeout { .. } => ErrorClass::UpstreamTimeout,
+        }
+    }
+
+    /// A short, stable name for logs and (later) metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::UnsafePath => "unsafe_path",
+            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BodyRead => "body_read",
+            ProxyError::ProviderKeyMissing { .. } => "provider_key_missing",
+            ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            ProxyError::UpstreamClosed { .. } => "upstream_closed",
+            ProxyError::FirstByteTimeout { .. } => "upstream_timeout",
+            ProxyError::BadUpstreamRequest => "bad_upstream_request",
+        }
+    }
+}
+
+/// A response made by the proxy itself, in `kind`'s error shape.
+pub fn error_response<B>(
+    kind: ProviderKind,
+    error: &ProxyError,
+    request_id: &HeaderValue,
+) -> Response<Either<B, Full<Bytes>>> {
+    let class = error.class();
+    let message = format!("tokenwarden: {error}");
+    let mut response = Response::new(Either::Right(Full::new(kind.error_body(class, &message))));
+    *response.status_mut() = class.status();
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(REQUEST_ID_HEADER, request_id.clone());
+    response
+}

@@ -1,0 +1,395 @@
+//! The forwarding service: route, identify, read the body within its bound, swap the
+//! key, send through the pooled client, and tap the response on its way back.
+
+pub mod error;
+pub mod headers;
+pub mod tap;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+
+use crate::config::{Config, UpstreamConfig};
+use crate::identity::{Agent, Identities};
+use crate::providers::{Provider, ProviderKind, ProviderError, Router};
+use error::{error_response, ProxyError, REQUEST_ID_HEADER};
+use tap::{Observer, StreamEnd, StreamLimits, TapBody};
+
+/// What the proxy sends upstream: a body read whole (JSON, which the proxy may need to
+/// read) or a streamed one (uploads), both bounded by `max_body_bytes`.
+pub type UpstreamBody = Either<Full<Bytes>, Limited<Incoming>>;
+/// What the proxy answers: a tapped provider response or an error it made itself.
+pub type ResponseBody = Either<TapBody<Incoming, RequestLog>, Full<Bytes>>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// Everything derived from one version of the config; swapped whole on reload.
+#[derive(Debug)]
+pub struct Live {
+    pub config: Config,
+    pub router: Router,
+    pub identities: Identities,
+}
+
+impl Live {
+    pub fn new(
+        config: Config,
+        lookup_env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Live, ProviderError> {
+        let providers = config
+            .providers
+            .iter()
+            .map(|p| Provider::from_config(p, &lookup_env))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Live {
+            router: Router::new(providers),
+            identities: Identities::from_config(&config.agents),
+            config,
+        })
+    }
+}
+
+/// State shared by every request.
+pub struct AppState {
+    pub live: ArcSwap<Live>,
+    pub client: UpstreamClient,
+    /// Set when shutdown begins; `/readyz` then answers 503.
+    pub draining: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(live: Live) -> AppState {
+        let client = build_client(&live.config.upstream);
+        AppState {
+            live: ArcSwap::from_pointee(live),
+            client,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// One pooled keep-alive client for every provider, HTTP/1.1 or HTTP/2 by ALPN.
+///
+/// It never retries a request that reached the wire: a retry could bill twice, and the
+/// SDKs retry on their own. (A request is re-sent only when a pooled connection turns out
+/// closed before any byte of it was written.)
+fn build_client(cfg: &UpstreamConfig) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(cfg.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(cfg.pool_idle_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+        .build(https)
+}
+
+/// A fresh request id: 64 random bits, hex.
+fn new_request_id() -> HeaderValue {
+    let id = format!("req_{:016x}", rand::random::<u64>());
+    // Hex digits and an underscore are always a valid header value.
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
+}
+
+/// Serves one request from a client.
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    client_addr: SocketAddr,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let request_id = new_request_id();
+    let live = state.live.load_full();
+    // The shape errors take before a provider is known.
+    let fallback_kind = if req.headers().contains_key("anthropic-version") {
+        ProviderKind::Anthropic
+    } else {
+        ProviderKind::OpenAi
+    };
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+
+    match forward(&state, &live, req, &request_id, started).await {
+        Ok(response) => response,
+        Err((kind, error)) => {
+            tracing::info!(
+                target: "tokenwarden::access",
+                request_id = request_id.to_str().unwrap_or_default(),
+                client = %client_addr,
+                %method,
+                path,
+                status = error.class().status().as_u16(),
+                reason = error.reason(),
+                "rejected: {error}"
+            );
+            error_response(kind.unwrap_or(fallback_kind), &error, &request_id)
+        }
+    }
+}
+
+type Rejection = (Option<ProviderKind>, ProxyError);
+
+async fn forward(
+    state: &AppState,
+    live: &Live,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    started: Instant,
+) -> Result<Response<ResponseBody>, Rejection> {
+    let (provider, rest) = live.router.route(req.uri().path()).ok_or((None, ProxyError::NoRoute))?;
+    let kind = Some(provider.kind);
+    let reject = |e: ProxyError| (kind, e);
+
+    if is_unsafe_path(rest) {
+        return Err(reject(ProxyError::UnsafePath));
+    }
+    let agent = live
+        .identities
+        .identify(req.headers())
+        .ok_or_else(|| reject(ProxyError::Unauthorized))?;
+    let credential = provider.credential().map_err(|env| {
+        reject(ProxyError::ProviderKeyMissing {
+            provider: provider.name.clone(),
+            env: env.to_owned(),
+        })
+    })?;
+    let uri = provider
+        .upstream_uri(rest, req.uri().query())
+        .map_err(|_| reject(ProxyError::BadUpstreamRequest))?;
+
+    let (mut parts, body) = req.into_parts();
+    let limit = live.config.server.max_body_bytes;
+    let body = read_body(&parts.headers, body, limit).await.map_err(reject)?;
+
+    headers::to_upstream(&mut parts.headers, credential);
+    parts.uri = uri;
+    let method = parts.method.clone();
+    let upstream_req = Request::from_parts(parts, body);
+
+    let timeouts = &live.config.upstream;
+    let deadline = started + timeouts.total_timeout;
+    let first_byte = timeouts.first_byte_timeout.min(timeouts.total_timeout);
+    let response = match tokio::time::timeout(first_byte, state.client.request(upstream_req)).await
+    {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            return Err(reject(classify_upstream_error(&e, provider, limit)));
+        }
+        Err(_) => {
+            return Err(reject(ProxyError::FirstByteTimeout {
+                provider: provider.name.clone(),
+                timeout: humantime::format_duration(first_byte).to_string(),
+            }));
+        }
+    };
+
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(REQUEST_ID_HEADER, request_id.clone());
+    let log = RequestLog {
+        request_id: request_id.clone(),
+        agent,
+        provider: provider.name.clone(),
+        method,
+        status: parts.status.as_u16(),
+        started,
+        first_byte: started.elapsed(),
+        bytes: 0,
+    };
+    let limits = StreamLimits {
+        idle: timeouts.idle_timeout,
+        deadline,
+    };
+    Ok(Response::from_parts(parts, Either::Left(TapBody::new(body, log, limits))))
+}
+
+/// Reads a JSON body whole (the proxy may need its fields), and streams any other body.
+/// Both stop at `limit`; a declared length past it is refused before reading a byte.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Incoming,
+    limit: u64,
+) -> Result<UpstreamBody, ProxyError> {
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    let limited = Limited::new(body, limit_usize);
+    if !is_json(headers) {
+        return Ok(Either::Right(limited));
+    }
+    match limited.collect().await {
+        Ok(collected) => Ok(Either::Left(Full::new(collected.to_bytes()))),
+        Err(e) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Err(_) => Err(ProxyError::BodyRead),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let essence = v.split(';').next().unwrap_or_default().trim();
+            essence.eq_ignore_ascii_case("application/json")
+        })
+}
+
+/// `.` and `..` segments (literal or percent-encoded) and encoded slashes could climb out
+/// of the provider's base path once the upstream decodes and normalises the URL; such
+/// paths are refused.
+fn is_unsafe_path(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        is_dot_segment(segment.as_bytes()) || contains_encoded_separator(segment.as_bytes())
+    })
+}
+
+fn is_dot_segment(mut segment: &[u8]) -> bool {
+    let mut dots = 0;
+    while !segment.is_empty() {
+        segment = match segment {
+            [b'.', rest @ ..] => rest,
+            [b'%', b'2', e, rest @ ..] if e.eq_ignore_ascii_case(&b'e') => rest,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    (1..=2).contains(&dots)
+}
+
+fn contains_encoded_separator(segment: &[u8]) -> bool {
+    segment.windows(3).any(|w| {
+        w[0] == b'%' && (w[1..].eq_ignore_ascii_case(b"2f") || w[1..].eq_ignore_ascii_case(b"5c"))
+    })
+}
+
+fn classify_upstream_error(
+    error: &hyper_util::client::legacy::Error,
+    provider: &Provider,
+    limit: u64,
+) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<LengthLimitError>() {
+            return ProxyError::BodyTooLarge { limit };
+        }
+        source = e.source();
+    }
+    tracing::warn!(provider = provider.name, error = %ErrorChain(error), "upstream request failed");
+    let provider = provider.name.clone();
+    if error.is_connect() {
+        ProxyError::UpstreamUnreachable { provider }
+    } else {
+        ProxyError::UpstreamClosed { provider }
+    }
+}
+
+/// Formats an error with all its sources, for logs.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// Settles a forwarded request: one access-log line when its response ends.
+pub struct RequestLog {
+    request_id: HeaderValue,
+    agent: Arc<Agent>,
+    provider: String,
+    method: http::Method,
+    status: u16,
+    started: Instant,
+    first_byte: Duration,
+    bytes: u64,
+}
+
+impl Observer for RequestLog {
+    fn on_data(&mut self, data: &Bytes) {
+        self.bytes += data.len() as u64;
+    }
+
+    fn on_end(self, end: StreamEnd) {
+        tracing::info!(
+            target: "tokenwarden::access",
+            request_id = self.request_id.to_str().unwrap_or_default(),
+            agent = self.agent.id,
+            provider = self.provider,
+            method = %self.method,
+            status = self.status,
+            end = end.as_str(),
+            bytes = self.bytes,
+            first_byte_ms = self.first_byte.as_secs_f64() * 1e3,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            "forwarded"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsafe_paths_are_found_in_any_spelling() {
+        for bad in [
+            "/v1/../admin",
+            "/..",
+            "/v1/%2e%2e/x",
+            "/v1/%2E./x",
+            "/./v1",
+            "/v1%2F..%2Fadmin",
+            "/v1/a%5cb",
+        ] {
+            assert!(is_unsafe_path(bad), "{bad}");
+        }
+        for ok in ["/v1/chat/completions", "/v1/files/a..b", "/v1/...", "", "/v1/%20x"] {
+            assert!(!is_unsafe_path(ok), "{ok}");
+        }
+    }
+
+    #[test]
+    fn json_is_recognised_with_parameters() {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("Application/JSON; charset=utf-8"));
+        assert!(is_json(&h));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("multipart/form-data; boundary=x"));
+        assert!(!is_json(&h));
+    }
+}
