@@ -182,8 +182,8 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        let mut config = Config::parse(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut config =
+            Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if config.storage.dir.is_relative() {
             if let Some(parent) = path.parent() {
                 config.storage.dir = parent.join(&config.storage.dir);
@@ -207,7 +207,10 @@ impl Config {
         let mut bad = |field: String, msg: &str| problems.push(format!("{field}: {msg}"));
 
         if self.server.listen.parse::<SocketAddr>().is_err() {
-            bad("server.listen".into(), "expected an address like 127.0.0.1:8080");
+            bad(
+                "server.listen".into(),
+                "expected an address like 127.0.0.1:8080",
+            );
         }
         if self.server.max_body_bytes == 0 {
             bad("server.max_body_bytes".into(), "must be greater than 0");
@@ -216,19 +219,31 @@ impl Config {
             bad("server.max_connections".into(), "must be greater than 0");
         }
         if self.admin.listen.parse::<SocketAddr>().is_err() {
-            bad("admin.listen".into(), "expected an address like 127.0.0.1:9090");
+            bad(
+                "admin.listen".into(),
+                "expected an address like 127.0.0.1:9090",
+            );
         }
         if let Some(env) = &self.admin.token_env {
             if !is_env_name(env) {
-                bad("admin.token_env".into(), "not a valid environment variable name");
+                bad(
+                    "admin.token_env".into(),
+                    "not a valid environment variable name",
+                );
             }
         }
         for (name, d) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.first_byte_timeout", self.upstream.first_byte_timeout),
+            (
+                "upstream.first_byte_timeout",
+                self.upstream.first_byte_timeout,
+            ),
             ("upstream.idle_timeout", self.upstream.idle_timeout),
             ("upstream.total_timeout", self.upstream.total_timeout),
-            ("server.header_read_timeout", self.server.header_read_timeout),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
         ] {
             if d.is_zero() {
                 bad(name.into(), "must be greater than 0");
@@ -253,7 +268,10 @@ impl Config {
                 bad(at("prefix"), msg);
             }
             if self.providers[..i].iter().any(|q| q.prefix == p.prefix) {
-                bad(at("prefix"), &format!("prefix {:?} is used twice", p.prefix));
+                bad(
+                    at("prefix"),
+                    &format!("prefix {:?} is used twice", p.prefix),
+                );
             }
             if let Some(env) = &p.api_key_env {
                 if !is_env_name(env) {
@@ -406,7 +424,10 @@ key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
             "agents[1].id: duplicate",
         ];
         for w in want {
-            assert!(err.problems.iter().any(|p| p.starts_with(w)), "missing {w} in {err}");
+            assert!(
+                err.problems.iter().any(|p| p.starts_with(w)),
+                "missing {w} in {err}"
+            );
         }
         assert_eq!(err.problems.len(), want.len(), "{err}");
     }

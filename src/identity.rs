@@ -122,16 +122,30 @@ mod tests {
     #[test]
     fn bearer_and_x_api_key_both_identify() {
         let t = table();
-        assert_eq!(t.identify(&headers("authorization", "Bearer key-a")).unwrap().id, "a");
-        assert_eq!(t.identify(&headers("authorization", "bearer key-b")).unwrap().id, "b");
+        assert_eq!(
+            t.identify(&headers("authorization", "Bearer key-a"))
+                .unwrap()
+                .id,
+            "a"
+        );
+        assert_eq!(
+            t.identify(&headers("authorization", "bearer key-b"))
+                .unwrap()
+                .id,
+            "b"
+        );
         assert_eq!(t.identify(&headers("x-api-key", "key-b")).unwrap().id, "b");
     }
 
     #[test]
     fn unknown_missing_or_malformed_keys_identify_no_one() {
         let t = table();
-        assert!(t.identify(&headers("authorization", "Bearer key-c")).is_none());
-        assert!(t.identify(&headers("authorization", "Basic a2V5LWE=")).is_none());
+        assert!(t
+            .identify(&headers("authorization", "Bearer key-c"))
+            .is_none());
+        assert!(t
+            .identify(&headers("authorization", "Basic a2V5LWE="))
+            .is_none());
         assert!(t.identify(&headers("authorization", "Bearer ")).is_none());
         assert!(t.identify(&headers("x-api-key", "")).is_none());
         assert!(t.identify(&HeaderMap::new()).is_none());

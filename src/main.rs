@@ -10,7 +10,11 @@ use tokenwarden::proxy::{AppState, Live};
 use tokenwarden::server::{self, Listeners};
 
 #[derive(Parser)]
-#[command(name = "tokenwarden", version, about = "The meter, the budget and the brake between agents and LLM providers")]
+#[command(
+    name = "tokenwarden",
+    version,
+    about = "The meter, the budget and the brake between agents and LLM providers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,6 +64,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     match cli.command {
@@ -80,7 +85,10 @@ fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            say(&format!("mock provider listening on http://{}", listener.local_addr()?));
+            say(&format!(
+                "mock provider listening on http://{}",
+                listener.local_addr()?
+            ));
             tokio::select! {
                 _ = tokenwarden::mock::Mock::new(!no_record).serve(listener) => {}
                 _ = shutdown_signal() => {}
@@ -134,7 +142,11 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let live = load_live(&path)?;
     let listeners = Listeners::bind(&live.config.server.listen, &live.config.admin.listen).await?;
-    let scheme = if live.config.server.tls.is_some() { "https" } else { "http" };
+    let scheme = if live.config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     say(&format!(
         "tokenwarden listening on {scheme}://{} (admin http://{})",
         listeners.proxy.local_addr()?,

@@ -17,6 +17,7 @@
 //! | `x-mock-fault: drop-mid-stream` | stream half the pieces, then reset |
 //! | `x-mock-fault: stall` | send headers, then nothing |
 //! | `x-mock-fault: stall-mid-stream` | stream half the pieces, then nothing |
+//! | `x-mock-gzip: 1` | gzip a non-streamed body (`content-encoding: gzip`) |
 //! | `x-mock-cached-tokens: N`, `x-mock-reasoning-tokens: N`, `x-mock-cache-write-tokens: N` | usage details |
 //!
 //! `GET /mock/requests` lists the last requests received (headers, body length and
@@ -29,6 +30,8 @@ use std::time::Duration;
 
 use base64_shim::encode_f32_le;
 use bytes::Bytes;
+use flate2::write::GzEncoder;
+use flate2::Compression;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Frame;
@@ -40,12 +43,18 @@ use hyper_util::server::conn::auto;
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use std::io::Write as _;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 type Chunk = Result<Frame<Bytes>, std::io::Error>;
 type MockBody = Either<Full<Bytes>, StreamBody<ReceiverStream<Chunk>>>;
+
+enum Reply {
+    Json(Value),
+    Stream(Vec<Bytes>),
+}
 
 /// Most recent requests kept for `/mock/requests`.
 const REQUEST_LOG_LEN: usize = 1000;
@@ -212,29 +221,24 @@ impl Mock {
             script,
         };
         let stream = request["stream"].as_bool().unwrap_or(false);
-        let events = match (&parts.method, parts.uri.path()) {
+        let include_usage = request["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false);
+        let reply = match (&parts.method, parts.uri.path()) {
             (&Method::POST, "/v1/chat/completions") if stream => {
-                let usage = request["stream_options"]["include_usage"]
-                    .as_bool()
-                    .unwrap_or(false);
-                chat_stream(&ctx, usage)
+                Reply::Stream(chat_stream(&ctx, include_usage))
             }
-            (&Method::POST, "/v1/chat/completions") => return Ok(self.done(seq, chat(&ctx))),
+            (&Method::POST, "/v1/chat/completions") => Reply::Json(chat(&ctx)),
             (&Method::POST, "/v1/completions") if stream => {
-                let usage = request["stream_options"]["include_usage"]
-                    .as_bool()
-                    .unwrap_or(false);
-                completion_stream(&ctx, usage)
+                Reply::Stream(completion_stream(&ctx, include_usage))
             }
-            (&Method::POST, "/v1/completions") => return Ok(self.done(seq, completion(&ctx))),
-            (&Method::POST, "/v1/responses") if stream => responses_stream(&ctx),
-            (&Method::POST, "/v1/responses") => return Ok(self.done(seq, responses(&ctx))),
-            (&Method::POST, "/v1/embeddings") => {
-                return Ok(self.done(seq, embeddings(&ctx, &request)))
-            }
-            (&Method::GET, "/v1/models") => return Ok(self.done(seq, models())),
-            (&Method::POST, "/v1/messages") if stream => messages_stream(&ctx),
-            (&Method::POST, "/v1/messages") => return Ok(self.done(seq, messages(&ctx))),
+            (&Method::POST, "/v1/completions") => Reply::Json(completion(&ctx)),
+            (&Method::POST, "/v1/responses") if stream => Reply::Stream(responses_stream(&ctx)),
+            (&Method::POST, "/v1/responses") => Reply::Json(responses(&ctx)),
+            (&Method::POST, "/v1/embeddings") => Reply::Json(embeddings(&ctx, &request)),
+            (&Method::GET, "/v1/models") => Reply::Json(models()),
+            (&Method::POST, "/v1/messages") if stream => Reply::Stream(messages_stream(&ctx)),
+            (&Method::POST, "/v1/messages") => Reply::Json(messages(&ctx)),
             _ => {
                 self.finish(seq, "complete", 0);
                 let body = json!({"error": {"message": "mock: unknown path",
@@ -242,12 +246,26 @@ impl Mock {
                 return Ok(full(StatusCode::NOT_FOUND, Bytes::from(body.to_string())));
             }
         };
-        Ok(self.stream(seq, events, &ctx.script))
+        Ok(match reply {
+            Reply::Json(body) => self.done(seq, body, &ctx.script),
+            Reply::Stream(events) => self.stream(seq, events, &ctx.script),
+        })
     }
 
-    fn done(&self, seq: u64, body: Value) -> Response<MockBody> {
+    fn done(&self, seq: u64, body: Value, script: &Script) -> Response<MockBody> {
         self.finish(seq, "complete", 1);
-        let mut response = full(StatusCode::OK, Bytes::from(body.to_string()));
+        let body = body.to_string();
+        let mut response = if script.gzip {
+            let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+            let _ = gz.write_all(body.as_bytes());
+            let mut response = full(StatusCode::OK, Bytes::from(gz.finish().unwrap_or_default()));
+            response
+                .headers_mut()
+                .insert("content-encoding", HeaderValue::from_static("gzip"));
+            response
+        } else {
+            full(StatusCode::OK, Bytes::from(body))
+        };
         response
             .headers_mut()
             .insert("x-request-id", HeaderValue::from_static("req_mock"));
@@ -274,7 +292,9 @@ impl Mock {
                             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
                         }
                     } else {
-                        let _ = tx.send(Err(std::io::Error::other("mock: drop mid-stream"))).await;
+                        let _ = tx
+                            .send(Err(std::io::Error::other("mock: drop mid-stream")))
+                            .await;
                     }
                     mock.finish(seq, "fault", sent);
                     return;
@@ -288,8 +308,8 @@ impl Mock {
                 }
                 sent += 1;
             }
-            // Wait until the frames are taken before calling the stream complete.
-            tx.closed().await;
+            // Every frame is handed over; dropping the sender ends the body.
+            drop(tx);
             mock.finish(seq, "complete", sent);
         });
         sse_response(rx)
@@ -330,6 +350,7 @@ struct Script {
     cached_tokens: u64,
     reasoning_tokens: u64,
     cache_write_tokens: u64,
+    gzip: bool,
 }
 
 impl Script {
@@ -351,6 +372,7 @@ impl Script {
             cached_tokens: num("x-mock-cached-tokens").unwrap_or(0),
             reasoning_tokens: num("x-mock-reasoning-tokens").unwrap_or(0),
             cache_write_tokens: num("x-mock-cache-write-tokens").unwrap_or(0),
+            gzip: h.contains_key("x-mock-gzip"),
         }
     }
 }
@@ -440,8 +462,14 @@ fn chat_stream(ctx: &Ctx, include_usage: bool) -> Vec<Bytes> {
         }
         data_event(&c)
     };
-    let mut events = vec![chunk(json!({"role": "assistant", "content": "", "refusal": null}), Value::Null)];
-    events.extend(ctx.pieces().map(|p| chunk(json!({"content": p}), Value::Null)));
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": "", "refusal": null}),
+        Value::Null,
+    )];
+    events.extend(
+        ctx.pieces()
+            .map(|p| chunk(json!({"content": p}), Value::Null)),
+    );
     events.push(chunk(json!({}), json!("stop")));
     if include_usage {
         events.push(data_event(&json!({
@@ -570,7 +598,8 @@ fn embeddings(ctx: &Ctx, request: &Value) -> Value {
 }
 
 fn models() -> Value {
-    let model = |id: &str| json!({"id": id, "object": "model", "created": CREATED, "owned_by": "mock"});
+    let model =
+        |id: &str| json!({"id": id, "object": "model", "created": CREATED, "owned_by": "mock"});
     json!({"object": "list", "data": [model("gpt-4o-mini"), model("gpt-4o"), model("o3-mini")]})
 }
 
@@ -618,12 +647,18 @@ fn messages_stream(ctx: &Ctx) -> Vec<Bytes> {
                 "delta": {"stop_reason": "end_turn", "stop_sequence": null},
                 "usage": {"output_tokens": ctx.output_tokens()}}),
     ));
-    events.push(named_event("message_stop", &json!({"type": "message_stop"})));
+    events.push(named_event(
+        "message_stop",
+        &json!({"type": "message_stop"}),
+    ));
     events
 }
 
 /// Starts a mock on `addr` in the background and returns its address; for tests.
-pub async fn spawn(addr: &str, record: bool) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn spawn(
+    addr: &str,
+    record: bool,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(Mock::new(record).serve(listener));
@@ -638,7 +673,11 @@ mod base64_shim {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
         for chunk in bytes.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..4 {
                 if i <= chunk.len() {

@@ -100,7 +100,8 @@ pub async fn run(
             match &tls {
                 None => tokio::spawn(serve_connection(builder, stream, service, watcher, permit)),
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                    let handshake =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
                     tokio::spawn(async move {
                         match handshake.await {
                             Ok(Ok(tls)) => {
@@ -122,7 +123,13 @@ pub async fn run(
             async move { Ok::<_, Infallible>(crate::admin::handle(&state, req).await) }
         });
         let watcher = graceful.watcher();
-        tokio::spawn(serve_connection(builder.clone(), stream, service, watcher, permit));
+        tokio::spawn(serve_connection(
+            builder.clone(),
+            stream,
+            service,
+            watcher,
+            permit,
+        ));
     });
 
     let stopper = async {

@@ -109,7 +109,10 @@ impl Provider {
         };
         let uri: Uri = cfg.base_url.parse().map_err(|_| base_err("not a URL"))?;
         let scheme = uri.scheme().cloned().ok_or_else(|| base_err("no scheme"))?;
-        let authority = uri.authority().cloned().ok_or_else(|| base_err("no host"))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| base_err("no host"))?;
         let base_path = uri.path().trim_end_matches('/').to_string();
         let kind = ProviderKind::from(cfg.kind);
 
@@ -225,10 +228,30 @@ mod tests {
 
     fn router() -> Router {
         Router::new(vec![
-            provider("any", ProviderKindConfig::Openai, "http://local:8000/base/", "/"),
-            provider("oa", ProviderKindConfig::Openai, "https://api.openai.com", "/openai"),
-            provider("an", ProviderKindConfig::Anthropic, "https://api.anthropic.com", "/anthropic"),
-            provider("oa2", ProviderKindConfig::Openai, "https://eu.example", "/openai/eu"),
+            provider(
+                "any",
+                ProviderKindConfig::Openai,
+                "http://local:8000/base/",
+                "/",
+            ),
+            provider(
+                "oa",
+                ProviderKindConfig::Openai,
+                "https://api.openai.com",
+                "/openai",
+            ),
+            provider(
+                "an",
+                ProviderKindConfig::Anthropic,
+                "https://api.anthropic.com",
+                "/anthropic",
+            ),
+            provider(
+                "oa2",
+                ProviderKindConfig::Openai,
+                "https://eu.example",
+                "/openai/eu",
+            ),
         ])
     }
 
@@ -247,7 +270,12 @@ mod tests {
 
     #[test]
     fn no_catch_all_means_no_route() {
-        let r = Router::new(vec![provider("oa", ProviderKindConfig::Openai, "https://a", "/openai")]);
+        let r = Router::new(vec![provider(
+            "oa",
+            ProviderKindConfig::Openai,
+            "https://a",
+            "/openai",
+        )]);
         assert!(r.route("/v1/models").is_none());
     }
 
@@ -260,7 +288,10 @@ mod tests {
             "http://local:8000/base/v1/models?limit=2"
         );
         let (p, rest) = r.route("/anthropic").unwrap();
-        assert_eq!(p.upstream_uri(rest, None).unwrap().to_string(), "https://api.anthropic.com/");
+        assert_eq!(
+            p.upstream_uri(rest, None).unwrap().to_string(),
+            "https://api.anthropic.com/"
+        );
     }
 
     #[test]
@@ -268,7 +299,10 @@ mod tests {
         let r = router();
         let (p, _) = r.route("/openai/v1").unwrap();
         let (name, value) = p.credential().unwrap().unwrap();
-        assert_eq!((name.as_str(), value.to_str().unwrap()), ("authorization", "Bearer sk-real"));
+        assert_eq!(
+            (name.as_str(), value.to_str().unwrap()),
+            ("authorization", "Bearer sk-real")
+        );
         assert!(value.is_sensitive());
         let (p, _) = r.route("/anthropic/v1").unwrap();
         let (name, _) = p.credential().unwrap().unwrap();

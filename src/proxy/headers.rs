@@ -56,7 +56,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
@@ -72,7 +75,10 @@ mod tests {
     #[test]
     fn client_credential_is_swapped_for_the_providers() {
         let mut h = HeaderMap::new();
-        h.insert("authorization", HeaderValue::from_static("Bearer tw-virtual"));
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer tw-virtual"),
+        );
         h.insert("x-api-key", HeaderValue::from_static("tw-virtual"));
         h.insert("host", HeaderValue::from_static("proxy:8080"));
         h.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, UpstreamConfig};
 use crate::identity::{Agent, Identities};
-use crate::providers::{Provider, ProviderKind, ProviderError, Router};
+use crate::providers::{Provider, ProviderError, ProviderKind, Router};
 use error::{error_response, ProxyError, REQUEST_ID_HEADER};
 use tap::{Observer, StreamEnd, StreamLimits, TapBody};
 
@@ -161,7 +161,10 @@ async fn forward(
     request_id: &HeaderValue,
     started: Instant,
 ) -> Result<Response<ResponseBody>, Rejection> {
-    let (provider, rest) = live.router.route(req.uri().path()).ok_or((None, ProxyError::NoRoute))?;
+    let (provider, rest) = live
+        .router
+        .route(req.uri().path())
+        .ok_or((None, ProxyError::NoRoute))?;
     let kind = Some(provider.kind);
     let reject = |e: ProxyError| (kind, e);
 
@@ -184,10 +187,15 @@ async fn forward(
 
     let (mut parts, body) = req.into_parts();
     let limit = live.config.server.max_body_bytes;
-    let body = read_body(&parts.headers, body, limit).await.map_err(reject)?;
+    let body = read_body(&parts.headers, body, limit)
+        .await
+        .map_err(reject)?;
 
     headers::to_upstream(&mut parts.headers, credential);
     parts.uri = uri;
+    // The client's HTTP version says nothing about the upstream connection: the pooled
+    // client speaks HTTP/1.1 or, where ALPN agrees, HTTP/2.
+    parts.version = http::Version::HTTP_11;
     let method = parts.method.clone();
     let upstream_req = Request::from_parts(parts, body);
 
@@ -225,7 +233,10 @@ async fn forward(
         idle: timeouts.idle_timeout,
         deadline,
     };
-    Ok(Response::from_parts(parts, Either::Left(TapBody::new(body, log, limits))))
+    Ok(Response::from_parts(
+        parts,
+        Either::Left(TapBody::new(body, log, limits)),
+    ))
 }
 
 /// Reads a JSON body whole (the proxy may need its fields), and streams any other body.
@@ -379,7 +390,13 @@ mod tests {
         ] {
             assert!(is_unsafe_path(bad), "{bad}");
         }
-        for ok in ["/v1/chat/completions", "/v1/files/a..b", "/v1/...", "", "/v1/%20x"] {
+        for ok in [
+            "/v1/chat/completions",
+            "/v1/files/a..b",
+            "/v1/...",
+            "",
+            "/v1/%20x",
+        ] {
             assert!(!is_unsafe_path(ok), "{ok}");
         }
     }
@@ -387,9 +404,15 @@ mod tests {
     #[test]
     fn json_is_recognised_with_parameters() {
         let mut h = HeaderMap::new();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("Application/JSON; charset=utf-8"));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("Application/JSON; charset=utf-8"),
+        );
         assert!(is_json(&h));
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("multipart/form-data; boundary=x"));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data; boundary=x"),
+        );
         assert!(!is_json(&h));
     }
 }

@@ -231,8 +231,12 @@ mod tests {
         let seen = Seen::default();
         let (tx, body) = channel_body();
         let mut tap = Box::pin(TapBody::new(body, seen.clone(), limits(1000, 5000)));
-        tx.send(Ok(Frame::data(Bytes::from_static(b"data: a\n\n")))).await.unwrap();
-        tx.send(Ok(Frame::data(Bytes::from_static(b"data: b\n\n")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"data: a\n\n"))))
+            .await
+            .unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"data: b\n\n"))))
+            .await
+            .unwrap();
         drop(tx);
         let mut got = Vec::new();
         while let Some(frame) = tap.frame().await {
@@ -250,7 +254,9 @@ mod tests {
         let seen = Seen::default();
         let (tx, body) = channel_body();
         let mut tap = Box::pin(TapBody::new(body, seen.clone(), limits(1000, 5000)));
-        tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .unwrap();
         tap.frame().await.unwrap().unwrap();
         drop(tap);
         assert_eq!(seen.0.lock().unwrap().1, vec![StreamEnd::ClientGone]);
@@ -262,7 +268,10 @@ mod tests {
         let (tx, body) = channel_body();
         let mut tap = Box::pin(TapBody::new(body, seen.clone(), limits(1000, 5000)));
         tx.send(Err(std::io::Error::other("reset"))).await.unwrap();
-        assert!(matches!(tap.frame().await, Some(Err(TapError::Upstream(_)))));
+        assert!(matches!(
+            tap.frame().await,
+            Some(Err(TapError::Upstream(_)))
+        ));
         drop(tap);
         assert_eq!(seen.0.lock().unwrap().1, vec![StreamEnd::UpstreamError]);
     }
@@ -272,7 +281,9 @@ mod tests {
         let seen = Seen::default();
         let (tx, body) = channel_body();
         let mut tap = Box::pin(TapBody::new(body, seen.clone(), limits(100, 60_000)));
-        tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .unwrap();
         tap.frame().await.unwrap().unwrap();
         assert!(matches!(tap.frame().await, Some(Err(TapError::Idle(_)))));
         assert_eq!(seen.0.lock().unwrap().1, vec![StreamEnd::IdleTimeout]);
@@ -286,7 +297,11 @@ mod tests {
         let mut tap = Box::pin(TapBody::new(body, seen.clone(), limits(100, 250)));
         let feeder = tokio::spawn(async move {
             for _ in 0..100 {
-                if tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await.is_err() {
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

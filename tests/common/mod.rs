@@ -1,0 +1,289 @@
+//! Test support: start the real binary (proxy and mock provider) on ports from the OS,
+//! and talk to them over real HTTP.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+pub const KEY_A: &str = "tw-test-virtual-key-agent-a";
+pub const KEY_B: &str = "tw-test-virtual-key-agent-b";
+pub const OPENAI_KEY: &str = "sk-test-real-openai-key";
+pub const ANTHROPIC_KEY: &str = "sk-ant-test-real-anthropic-key";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tokenwarden")
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Spawns `tokenwarden ARGS`, waits for its first stdout line and returns it.
+fn spawn_and_read_line(args: &[&str], envs: &[(&str, &str)], log: &Path) -> (Proc, String) {
+    let stderr = std::fs::File::create(log).unwrap();
+    let mut child = Command::new(bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        // Keep draining so the child never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let proc = Proc {
+        child,
+        log: log.to_path_buf(),
+    };
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| {
+            panic!(
+                "no startup line from {args:?}; stderr:\n{}",
+                proc.log_text()
+            )
+        });
+    (proc, line)
+}
+
+/// Extracts `host:port` after `http://` or `https://`, the n-th occurrence.
+fn addr_in(line: &str, n: usize) -> SocketAddr {
+    let part = line
+        .split("://")
+        .nth(n + 1)
+        .unwrap_or_else(|| panic!("no address {n} in {line:?}"));
+    let end = part.find([' ', ')']).unwrap_or(part.len());
+    part[..end].parse().unwrap()
+}
+
+/// The mock provider, started as `tokenwarden mock`.
+pub struct Mock {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Mock {
+    pub fn start() -> Mock {
+        let dir = tempfile::tempdir().unwrap();
+        let (proc, line) = spawn_and_read_line(
+            &["mock", "--listen", "127.0.0.1:0"],
+            &[],
+            &dir.path().join("mock.log"),
+        );
+        Mock {
+            addr: addr_in(&line, 0),
+            proc,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// What the mock has received so far.
+    pub async fn requests(&self) -> Vec<Value> {
+        let (status, _, body) = get(&format!("{}/mock/requests", self.url()), &[]).await;
+        assert_eq!(status, 200);
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    pub async fn last_request(&self) -> Value {
+        self.requests()
+            .await
+            .pop()
+            .expect("the mock received no request")
+    }
+
+    /// Waits until the newest request's response has ended on the mock's side.
+    pub async fn wait_for_outcome(&self) -> Value {
+        for _ in 0..200 {
+            let last = self.last_request().await;
+            if last["outcome"] != "pending" {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the mock's last request never ended");
+    }
+}
+
+/// The proxy, started as `tokenwarden serve` on a config written to a temp dir.
+pub struct Proxy {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    pub fn start(config: &str) -> Proxy {
+        Self::start_with_env(
+            config,
+            &[
+                ("TW_TEST_OPENAI_KEY", OPENAI_KEY),
+                ("TW_TEST_ANTHROPIC_KEY", ANTHROPIC_KEY),
+            ],
+        )
+    }
+
+    pub fn start_with_env(config: &str, envs: &[(&str, &str)]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenwarden.toml");
+        std::fs::write(&path, config).unwrap();
+        let (proc, line) = spawn_and_read_line(
+            &["serve", "--config", path.to_str().unwrap()],
+            envs,
+            &dir.path().join("proxy.log"),
+        );
+        Proxy {
+            addr: addr_in(&line, 0),
+            admin: addr_in(&line, 1),
+            proc,
+            dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+}
+
+/// The usual test config: OpenAI and Anthropic formats both served by the mock, two agents.
+pub fn config(mock: &Mock) -> String {
+    config_with(mock, "")
+}
+
+/// The usual config with extra `[upstream]` lines (time limits for fault tests).
+pub fn config_with(mock: &Mock, upstream: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+max_body_bytes = 1048576
+shutdown_grace = "10s"
+[admin]
+listen = "127.0.0.1:0"
+[upstream]
+{upstream}
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "{mock}"
+prefix = "/openai"
+api_key_env = "TW_TEST_OPENAI_KEY"
+[[providers]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "{mock}"
+prefix = "/anthropic"
+api_key_env = "TW_TEST_ANTHROPIC_KEY"
+[[agents]]
+id = "agent-a"
+team = "team-1"
+key_sha256 = "{a}"
+[[agents]]
+id = "agent-b"
+key_sha256 = "{b}"
+"#,
+        mock = mock.url(),
+        a = tokenwarden::identity::key_digest_hex(KEY_A),
+        b = tokenwarden::identity::key_digest_hex(KEY_B),
+    )
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(Full::new(body.into())).unwrap()
+}
+
+/// Sends a request and reads the whole response.
+pub async fn send(req: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
+    let response = client().request(req).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, Bytes) {
+    send(request("GET", url, headers, Bytes::new())).await
+}
+
+pub async fn post_json(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, HeaderMap, Bytes) {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    send(request("POST", url, &all, body.to_owned())).await
+}
+
+pub fn json(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+pub fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
