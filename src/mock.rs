@@ -286,17 +286,17 @@ impl Mock {
             let mut sent = 0;
             for (i, event) in events.into_iter().enumerate() {
                 if cut_at == Some(i) {
-                    if stall {
+                    let outcome = if stall {
                         tokio::select! {
-                            _ = tx.closed() => {}
-                            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                            _ = tx.closed() => "client_gone",
+                            _ = tokio::time::sleep(Duration::from_secs(60)) => "fault",
                         }
                     } else {
-                        let _ = tx
-                            .send(Err(std::io::Error::other("mock: drop mid-stream")))
-                            .await;
-                    }
-                    mock.finish(seq, "fault", sent);
+                        let reset = std::io::Error::other("mock: drop mid-stream");
+                        let _ = tx.send(Err(reset)).await;
+                        "fault"
+                    };
+                    mock.finish(seq, outcome, sent);
                     return;
                 }
                 if i > 0 && !delay.is_zero() {
