@@ -551,6 +551,12 @@ fn responses_stream(ctx: &Ctx) -> Vec<Bytes> {
                     "item": {"type": "message", "id": "msg_mock", "status": "in_progress",
                              "role": "assistant", "content": []}}),
         ),
+        named_event(
+            "response.content_part.added",
+            &json!({"type": "response.content_part.added", "sequence_number": next(),
+                    "item_id": "msg_mock", "output_index": 0, "content_index": 0,
+                    "part": {"type": "output_text", "text": "", "annotations": []}}),
+        ),
     ];
     for piece in ctx.pieces() {
         events.push(named_event(
@@ -565,6 +571,21 @@ fn responses_stream(ctx: &Ctx) -> Vec<Bytes> {
         &json!({"type": "response.output_text.done", "sequence_number": next(),
                 "item_id": "msg_mock", "output_index": 0, "content_index": 0,
                 "text": ctx.text()}),
+    ));
+    events.push(named_event(
+        "response.content_part.done",
+        &json!({"type": "response.content_part.done", "sequence_number": next(),
+                "item_id": "msg_mock", "output_index": 0, "content_index": 0,
+                "part": {"type": "output_text", "text": ctx.text(), "annotations": []}}),
+    ));
+    events.push(named_event(
+        "response.output_item.done",
+        &json!({"type": "response.output_item.done", "sequence_number": next(),
+                "output_index": 0,
+                "item": {"type": "message", "id": "msg_mock", "status": "completed",
+                         "role": "assistant",
+                         "content": [{"type": "output_text", "text": ctx.text(),
+                                      "annotations": []}]}}),
     ));
     events.push(named_event(
         "response.completed",

@@ -82,7 +82,7 @@ async fn an_unreachable_upstream_gets_502_in_the_providers_shape() {
     let (status, _, _) = post_json(
         &proxy.url("/anthropic/v1/messages"),
         &[("x-api-key", KEY_A)],
-        r#"{"model":"claude-sonnet-4-5","max_tokens":10,"messages":[]}"#,
+        r#"{"model":"claude-sonnet-4-6","max_tokens":10,"messages":[]}"#,
     )
     .await;
     assert_eq!(status, 200);
@@ -174,7 +174,7 @@ async fn a_slow_first_byte_gets_504() {
     let (status, _, b) = post_json(
         &proxy.url("/anthropic/v1/messages"),
         &[("x-api-key", KEY_A), ("x-mock-first-byte-ms", "5000")],
-        r#"{"model":"claude-sonnet-4-5","max_tokens":10,"messages":[]}"#,
+        r#"{"model":"claude-sonnet-4-6","max_tokens":10,"messages":[]}"#,
     )
     .await;
     assert_eq!(status, 504);

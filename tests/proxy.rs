@@ -56,8 +56,8 @@ fn endpoints() -> Vec<(&'static str, &'static str, &'static str)> {
 
 fn anthropic_endpoints() -> Vec<&'static str> {
     vec![
-        r#"{"model":"claude-sonnet-4-5","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#,
-        r#"{"model":"claude-sonnet-4-5","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"claude-sonnet-4-6","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"claude-sonnet-4-6","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
     ]
 }
 
