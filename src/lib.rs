@@ -29,3 +29,4 @@ pub mod providers;
 pub mod proxy;
 pub mod secret;
 pub mod server;
+pub mod sse;

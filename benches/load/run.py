@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Load benchmark: the mock provider called directly and through tokenwarden, side by side.
+
+    python3 benches/load/run.py [--rounds 3] [--seconds 5] [--out benches/load/results.json]
+
+Builds the release binary, installs `oha` from crates.io when missing, pins the load
+generator and the mock to core 0 and the proxy to core 1 (`taskset`), and runs every
+scenario against both targets in alternation, `--rounds` times. It prints one table of
+medians (latency in ms) with the overhead the proxy adds, and writes the same as JSON.
+Traffic goes to loopback only; every run is bounded in time.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / "target" / "release" / "tokenwarden"
+KEY = "tw-bench-virtual-key"
+
+CHAT = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in five words."}]}'
+CHAT_STREAM = (
+    '{"model":"gpt-4o-mini","stream":true,'
+    '"messages":[{"role":"user","content":"Say hello in fifty words."}]}'
+)
+
+# name, oha arguments, body, extra headers
+SCENARIOS = [
+    ("chat, 1 connection", ["-c", "1"], CHAT, []),
+    ("chat, 32 connections", ["-c", "32"], CHAT, []),
+    ("chat, 1000 req/s", ["-c", "32", "-q", "1000", "--latency-correction"], CHAT, []),
+    ("stream 50 chunks, 1 conn", ["-c", "1"], CHAT_STREAM, ["x-mock-chunks: 50"]),
+    ("stream 50 chunks, 32 conn", ["-c", "32"], CHAT_STREAM, ["x-mock-chunks: 50"]),
+]
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, **kw)
+
+
+def ensure_oha():
+    if shutil.which("oha"):
+        return "oha"
+    cargo_oha = Path.home() / ".cargo" / "bin" / "oha"
+    if not cargo_oha.exists():
+        print("installing oha from crates.io ...", file=sys.stderr)
+        sh("cargo", "install", "oha", "--locked", "--quiet")
+    return str(cargo_oha)
+
+
+def pinned(core):
+    return ["taskset", "-c", str(core)] if shutil.which("taskset") and os.cpu_count() >= 2 else []
+
+
+def start(args, env=None):
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RUST_LOG": "warn", **(env or {})},
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"{args} printed no startup line")
+    addr = line.split("://")[1].split(" ")[0].strip()
+    return proc, addr
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_oha(oha, url, args, body, headers, seconds, auth):
+    cmd = pinned(0) + [oha, "--no-tui", "--output-format", "json", "-z", f"{seconds}s",
+                       "-m", "POST", "-H", "content-type: application/json", "-d", body, *args]
+    if auth:
+        cmd += ["-H", f"authorization: Bearer {KEY}"]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run(cmd + [url], check=True, capture_output=True, text=True).stdout
+    d = json.loads(out)
+    codes = d.get("statusCodeDistribution", {})
+    ok = codes.get("200", 0)
+    total = sum(codes.values())
+    if total == 0 or ok != total:
+        raise SystemExit(f"non-200 answers from {url}: {codes} {d.get('errorDistribution')}")
+    lat, fb = d["latencyPercentiles"], d.get("firstBytePercentiles") or {}
+    return {
+        "rps": d["summary"]["requestsPerSec"],
+        "p50_ms": lat["p50"] * 1e3,
+        "p99_ms": lat["p99"] * 1e3,
+        "p99.9_ms": lat["p99.9"] * 1e3,
+        "ttfb_p50_ms": (fb.get("p50") or 0) * 1e3,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "benches" / "load" / "results.json"))
+    ap.add_argument("--only", help="run only scenarios whose name contains this")
+    opts = ap.parse_args()
+
+    sh("cargo", "build", "--release", "--quiet", "--bin", "tokenwarden", cwd=ROOT)
+    oha = ensure_oha()
+
+    mock, mock_addr = start(pinned(0) + [str(BIN), "mock", "--listen", "127.0.0.1:0", "--no-record"])
+    tmp = Path(tempfile.mkdtemp())
+    config = tmp / "tokenwarden.toml"
+    config.write_text(f"""
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[storage]
+dir = "{tmp}/data"
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "http://{mock_addr}"
+prefix = "/openai"
+api_key_env = "BENCH_OPENAI_KEY"
+[[agents]]
+id = "bench-agent"
+key_sha256 = "{hashlib.sha256(KEY.encode()).hexdigest()}"
+""")
+    proxy, proxy_addr = start(pinned(1) + [str(BIN), "serve", "--config", str(config)],
+                              env={"BENCH_OPENAI_KEY": "sk-bench"})
+    time.sleep(0.2)
+    idle_rss = rss_kib(proxy.pid)
+    targets = {
+        "direct": (f"http://{mock_addr}/v1/chat/completions", False),
+        "tokenwarden": (f"http://{proxy_addr}/openai/v1/chat/completions", True),
+    }
+    results = []
+    try:
+        for name, args, body, headers in SCENARIOS:
+            if opts.only and opts.only not in name:
+                continue
+            runs = {t: [] for t in targets}
+            for _ in range(opts.rounds):
+                for target, (url, auth) in targets.items():
+                    runs[target].append(run_oha(oha, url, args, body, headers, opts.seconds, auth))
+            med = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in runs.items()}
+            d, p = med["direct"], med["tokenwarden"]
+            results.append({
+                "scenario": name,
+                "direct": d,
+                "tokenwarden": p,
+                "added_p50_ms": p["p50_ms"] - d["p50_ms"],
+                "added_p99_ms": p["p99_ms"] - d["p99_ms"],
+                "rps_ratio": p["rps"] / d["rps"] if d["rps"] else 0,
+            })
+            print(f"done: {name}", file=sys.stderr)
+        busy_rss = rss_kib(proxy.pid)
+    finally:
+        for proc in (proxy, mock):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    header = f"{'scenario':28} {'direct p50':>10} {'proxy p50':>10} {'added p50':>10} " \
+             f"{'direct p99':>10} {'proxy p99':>10} {'added p99':>10} {'direct rps':>10} {'proxy rps':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        d, p = r["direct"], r["tokenwarden"]
+        print(f"{r['scenario']:28} {d['p50_ms']:10.3f} {p['p50_ms']:10.3f} {r['added_p50_ms']:10.3f} "
+              f"{d['p99_ms']:10.3f} {p['p99_ms']:10.3f} {r['added_p99_ms']:10.3f} "
+              f"{d['rps']:10.0f} {p['rps']:10.0f}")
+    print(f"\nlatency in ms, medians of {opts.rounds} rounds of {opts.seconds}s; "
+          f"proxy RSS idle {idle_rss / 1024:.1f} MiB, after load {busy_rss / 1024:.1f} MiB")
+    Path(opts.out).write_text(json.dumps({
+        "rounds": opts.rounds,
+        "seconds": opts.seconds,
+        "cpus": os.cpu_count(),
+        "proxy_rss_idle_kib": idle_rss,
+        "proxy_rss_after_kib": busy_rss,
+        "scenarios": results,
+    }, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

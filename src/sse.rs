@@ -1,0 +1,275 @@
+//! An incremental Server-Sent Events parser with no I/O: bytes in, events out.
+//!
+//! Frames from the network split events anywhere: inside a line, between `\r` and `\n`,
+//! inside a multi-byte character. The parser keeps only the unfinished line and the
+//! event being built, both bounded by `max_event_bytes`; an event past the bound is
+//! dropped whole and counted, never truncated into something that parses differently.
+//!
+//! Lines end in LF, CRLF or a lone CR (WHATWG HTML §9.2.6). Comment lines (`:`) and the
+//! `id` and `retry` fields are skipped; `event` names the event; `data` lines join with
+//! `\n`. An event is dispatched at a blank line; one still open at the end is dropped, as
+//! the specification says.
+
+/// One complete event. `event` is empty when the stream named none (type "message").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event<'a> {
+    pub event: &'a [u8],
+    pub data: &'a [u8],
+}
+
+#[derive(Debug)]
+pub struct SseParser {
+    max_event_bytes: usize,
+    /// The unfinished line carried over from the previous chunk.
+    line: Vec<u8>,
+    event: Vec<u8>,
+    data: Vec<u8>,
+    /// Whether any `data` field arrived for the current event.
+    has_data: bool,
+    /// The last chunk ended in `\r`: a leading `\n` of the next one ends no line.
+    after_cr: bool,
+    /// The current event grew past the bound and will be dropped.
+    oversized: bool,
+    /// A line of the oversized event is under way; its bytes are not kept.
+    skipping_line: bool,
+    dropped: u64,
+}
+
+impl SseParser {
+    pub fn new(max_event_bytes: usize) -> Self {
+        SseParser {
+            max_event_bytes,
+            line: Vec::new(),
+            event: Vec::new(),
+            data: Vec::new(),
+            has_data: false,
+            after_cr: false,
+            oversized: false,
+            skipping_line: false,
+            dropped: 0,
+        }
+    }
+
+    /// Events dropped so far for exceeding the bound.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Feeds the next chunk and calls `on_event` for every event it completes.
+    pub fn feed(&mut self, mut input: &[u8], on_event: &mut impl FnMut(Event<'_>)) {
+        if self.after_cr && !input.is_empty() {
+            self.after_cr = false;
+            if let [b'\n', rest @ ..] = input {
+                input = rest;
+            }
+        }
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', input) {
+            let terminator = input[end];
+            if self.skipping_line {
+                // The rest of an oversized line: not blank, and its event is dropped.
+                self.skipping_line = false;
+            } else if self.line.is_empty() {
+                // The whole line is in this chunk: no copy.
+                self.process_line(&input[..end], on_event);
+            } else {
+                self.push_line_bytes(&input[..end]);
+                let line = std::mem::take(&mut self.line);
+                self.process_line(&line, on_event);
+                self.line = line;
+                self.line.clear();
+            }
+            input = &input[end + 1..];
+            if terminator == b'\r' {
+                match input {
+                    [b'\n', rest @ ..] => input = rest,
+                    [] => self.after_cr = true,
+                    _ => {}
+                }
+            }
+        }
+        self.push_line_bytes(input);
+    }
+
+    fn push_line_bytes(&mut self, bytes: &[u8]) {
+        if self.oversized {
+            // Keep no bytes, but remember a line is under way, so that its end is not
+            // taken for a blank line.
+            self.skipping_line |= !bytes.is_empty() || !self.line.is_empty();
+            self.line.clear();
+            return;
+        }
+        if self.line.len() + bytes.len() > self.max_event_bytes {
+            self.oversized = true;
+            self.skipping_line = true;
+            self.line.clear();
+            return;
+        }
+        self.line.extend_from_slice(bytes);
+    }
+
+    fn process_line(&mut self, line: &[u8], on_event: &mut impl FnMut(Event<'_>)) {
+        if line.is_empty() {
+            self.dispatch(on_event);
+            return;
+        }
+        if self.oversized || line[0] == b':' {
+            return;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(i) => {
+                let value = &line[i + 1..];
+                (&line[..i], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &[][..]),
+        };
+        match field {
+            b"data" => {
+                let extra = value.len() + usize::from(self.has_data);
+                if self.event.len() + self.data.len() + extra > self.max_event_bytes {
+                    self.oversized = true;
+                    return;
+                }
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+            b"event" => {
+                self.event.clear();
+                self.event
+                    .extend_from_slice(&value[..value.len().min(self.max_event_bytes)]);
+            }
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, on_event: &mut impl FnMut(Event<'_>)) {
+        if self.oversized {
+            self.dropped += 1;
+        } else if self.has_data {
+            on_event(Event {
+                event: &self.event,
+                data: &self.data,
+            });
+        }
+        self.event.clear();
+        self.data.clear();
+        self.has_data = false;
+        self.oversized = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_chunks(chunks: &[&[u8]], max: usize) -> (Vec<(String, String)>, u64) {
+        let mut p = SseParser::new(max);
+        let mut out = Vec::new();
+        for chunk in chunks {
+            p.feed(chunk, &mut |e: Event<'_>| {
+                out.push((
+                    String::from_utf8_lossy(e.event).into_owned(),
+                    String::from_utf8_lossy(e.data).into_owned(),
+                ))
+            });
+        }
+        (out, p.dropped())
+    }
+
+    fn parse(input: &[u8]) -> Vec<(String, String)> {
+        parse_chunks(&[input], 1 << 20).0
+    }
+
+    fn ev(event: &str, data: &str) -> (String, String) {
+        (event.into(), data.into())
+    }
+
+    const RECORDED: &[u8] = b"event: message_start\r\ndata: {\"type\":\"message_start\"}\r\n\r\n\
+: keep-alive comment\n\
+event: content_block_delta\ndata: {\"text\":\"h\xc3\xa9llo\"}\n\n\
+id: 7\nretry: 100\ndata: line one\ndata:line two\n\n\
+data: [DONE]\r\r";
+
+    fn recorded_events() -> Vec<(String, String)> {
+        vec![
+            ev("message_start", "{\"type\":\"message_start\"}"),
+            ev("content_block_delta", "{\"text\":\"h\u{e9}llo\"}"),
+            ev("", "line one\nline two"),
+            ev("", "[DONE]"),
+        ]
+    }
+
+    #[test]
+    fn parses_lf_crlf_and_cr_lines_comments_and_multiline_data() {
+        assert_eq!(parse(RECORDED), recorded_events());
+    }
+
+    #[test]
+    fn every_single_split_point_gives_the_same_events() {
+        for i in 0..=RECORDED.len() {
+            let (a, b) = RECORDED.split_at(i);
+            assert_eq!(
+                parse_chunks(&[a, b], 1 << 20).0,
+                recorded_events(),
+                "split at {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_pair_of_split_points_gives_the_same_events() {
+        for i in 0..=RECORDED.len() {
+            for j in i..=RECORDED.len() {
+                let chunks = [&RECORDED[..i], &RECORDED[i..j], &RECORDED[j..]];
+                assert_eq!(
+                    parse_chunks(&chunks, 1 << 20).0,
+                    recorded_events(),
+                    "{i} {j}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn byte_by_byte_gives_the_same_events() {
+        let chunks: Vec<&[u8]> = RECORDED.chunks(1).collect();
+        assert_eq!(parse_chunks(&chunks, 1 << 20).0, recorded_events());
+    }
+
+    #[test]
+    fn an_unfinished_event_is_not_dispatched() {
+        assert_eq!(parse(b"data: a\n\ndata: cut off"), vec![ev("", "a")]);
+        assert_eq!(parse(b"data: a\n\ndata: b\n"), vec![ev("", "a")]);
+    }
+
+    #[test]
+    fn events_without_data_are_skipped() {
+        assert_eq!(
+            parse(b"event: ping\n\n: only a comment\n\ndata: x\n\n"),
+            vec![ev("", "x")]
+        );
+    }
+
+    #[test]
+    fn oversized_events_are_dropped_whole_and_counted() {
+        let big = format!("data: {}\n\ndata: small\n\n", "x".repeat(100));
+        let (events, dropped) = parse_chunks(&[big.as_bytes()], 64);
+        assert_eq!(events, vec![ev("", "small")]);
+        assert_eq!(dropped, 1);
+        // Split across chunks, many data lines: still bounded and dropped.
+        let many = "data: 0123456789\n".repeat(20) + "\ndata: after\n\n";
+        let chunks: Vec<&[u8]> = many.as_bytes().chunks(7).collect();
+        let (events, dropped) = parse_chunks(&chunks, 64);
+        assert_eq!(events, vec![ev("", "after")]);
+        assert_eq!(dropped, 1);
+    }
+
+    #[test]
+    fn field_without_colon_and_without_space() {
+        assert_eq!(parse(b"data\n\n"), vec![ev("", "")]);
+        assert_eq!(parse(b"data:x\n\n"), vec![ev("", "x")]);
+        assert_eq!(parse(b"data:  two spaces\n\n"), vec![ev("", " two spaces")]);
+    }
+}
