@@ -1,4 +1,4 @@
-//! The admin listener: health and readiness now; metrics and the admin API build on it.
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz`, `/readyz`.
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
@@ -11,6 +11,14 @@ use crate::proxy::AppState;
 pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/metrics") => {
+            let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
         (&Method::GET, "/readyz") if state.is_draining() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }

@@ -5,11 +5,14 @@
 //! Secrets never live in the file: a provider names the environment variable that holds
 //! its key (`api_key_env`), and an agent is known only by the SHA-256 of its virtual key.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::metering::pricing::{self, PriceConfig, PricingFile};
 
 /// Default bound on a request body: images travel as base64, so this is generous.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
@@ -29,6 +32,22 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     #[serde(default)]
     pub agents: Vec<AgentConfig>,
+    #[serde(default)]
+    pub metering: MeteringConfig,
+    /// Price overrides, `[pricing."MODEL"]`, laid over the base table.
+    #[serde(default)]
+    pub pricing: BTreeMap<String, PriceConfig>,
+    /// The base price table: `metering.pricing_file` if set, else the built-in one.
+    #[serde(skip)]
+    pub base_pricing: BTreeMap<String, PriceConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeteringConfig {
+    /// A TOML file of `[pricing."MODEL"]` tables replacing the built-in prices. Relative
+    /// paths are taken from the directory of the config file.
+    pub pricing_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -184,20 +203,34 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
         let mut config =
             Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
         if config.storage.dir.is_relative() {
-            if let Some(parent) = path.parent() {
-                config.storage.dir = parent.join(&config.storage.dir);
+            config.storage.dir = base.join(&config.storage.dir);
+        }
+        if let Some(file) = &config.metering.pricing_file {
+            let file = base.join(file);
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                anyhow::anyhow!("metering.pricing_file: cannot read {}: {e}", file.display())
+            })?;
+            let table: PricingFile = toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("metering.pricing_file {}: {e}", file.display()))?;
+            let mut problems = Vec::new();
+            pricing::validate(&table.pricing, "metering.pricing_file", &mut problems);
+            if !problems.is_empty() {
+                return Err(ConfigErrors { problems }.into());
             }
+            config.base_pricing = table.pricing;
         }
         Ok(config)
     }
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigErrors {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigErrors {
             problems: vec![e.to_string().trim_end().replace('\n', "\n  ")],
         })?;
         config.validate()?;
+        config.base_pricing = builtin_pricing();
         Ok(config)
     }
 
@@ -301,12 +334,23 @@ impl Config {
             }
         }
 
+        pricing::validate(&self.pricing, "pricing", &mut problems);
+
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigErrors { problems })
         }
     }
+}
+
+/// The built-in price table (`config/pricing.toml`, compiled in).
+fn builtin_pricing() -> BTreeMap<String, PriceConfig> {
+    // The table is checked by a unit test; a parse failure here would mean a broken
+    // build, and leaves every model unpriced (counted, flagged) rather than failing.
+    toml::from_str::<PricingFile>(pricing::BUILTIN)
+        .map(|f| f.pricing)
+        .unwrap_or_default()
 }
 
 /// Parses a 64-character hex SHA-256 digest.

@@ -24,6 +24,8 @@
 pub mod admin;
 pub mod config;
 pub mod identity;
+pub mod metering;
+pub mod metrics;
 pub mod mock;
 pub mod providers;
 pub mod proxy;

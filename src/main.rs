@@ -166,7 +166,11 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
         listeners.proxy.local_addr()?,
         listeners.admin.local_addr()?
     ));
-    let state = Arc::new(AppState::new(live));
+    let metrics = Arc::new(tokenwarden::metrics::Metrics::new()?);
+    // Build the fallback tokenizer now, off the workers, not on the first cut stream.
+    let warm = tokio::task::spawn_blocking(tokenwarden::metering::tokenizer::warm_up);
+    let state = Arc::new(AppState::new(live, metrics));
+    drop(warm);
     server::run(state, listeners, shutdown_signal()).await
 }
 

@@ -11,6 +11,7 @@ use http::{StatusCode, Uri};
 
 use crate::config::{ProviderConfig, ProviderKindConfig};
 use crate::identity::X_API_KEY;
+use crate::metering::Endpoint;
 use crate::secret::Secret;
 
 /// The wire format a provider speaks.
@@ -170,6 +171,21 @@ impl Provider {
             .build()
     }
 
+    /// Which metered API a path (after the prefix) belongs to.
+    pub fn endpoint(&self, rest: &str) -> Endpoint {
+        let path = rest.trim_end_matches('/');
+        match self.kind {
+            ProviderKind::OpenAi if path.ends_with("/chat/completions") => {
+                Endpoint::ChatCompletions
+            }
+            ProviderKind::OpenAi if path.ends_with("/completions") => Endpoint::Completions,
+            ProviderKind::OpenAi if path.ends_with("/responses") => Endpoint::Responses,
+            ProviderKind::OpenAi if path.ends_with("/embeddings") => Endpoint::Embeddings,
+            ProviderKind::Anthropic if path.ends_with("/messages") => Endpoint::Messages,
+            _ => Endpoint::Other,
+        }
+    }
+
     /// The header carrying the provider's real key, or why there is none to send.
     /// `Ok(None)` means this provider takes no key.
     pub fn credential(&self) -> Result<Option<(&HeaderName, &HeaderValue)>, &str> {
@@ -308,6 +324,24 @@ mod tests {
         let (name, _) = p.credential().unwrap().unwrap();
         assert_eq!(name.as_str(), "x-api-key");
         assert!(!format!("{p:?}").contains("sk-real"));
+    }
+
+    #[test]
+    fn endpoints_by_path() {
+        let r = router();
+        let (oa, _) = r.route("/openai").unwrap();
+        assert_eq!(
+            oa.endpoint("/v1/chat/completions"),
+            Endpoint::ChatCompletions
+        );
+        assert_eq!(oa.endpoint("/v1/completions"), Endpoint::Completions);
+        assert_eq!(oa.endpoint("/v1/responses"), Endpoint::Responses);
+        assert_eq!(oa.endpoint("/v1/embeddings"), Endpoint::Embeddings);
+        assert_eq!(oa.endpoint("/v1/responses/resp_1"), Endpoint::Other);
+        assert_eq!(oa.endpoint("/v1/messages"), Endpoint::Other);
+        let (an, _) = r.route("/anthropic").unwrap();
+        assert_eq!(an.endpoint("/v1/messages"), Endpoint::Messages);
+        assert_eq!(an.endpoint("/v1/messages/count_tokens"), Endpoint::Other);
     }
 
     #[test]

@@ -52,6 +52,17 @@ impl ProxyError {
         }
     }
 
+    /// The `outcome` label of `tokenwarden_requests_total` for this error.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamClosed { .. } => {
+                "upstream_error"
+            }
+            ProxyError::FirstByteTimeout { .. } => "timeout",
+            _ => "rejected",
+        }
+    }
+
     /// A short, stable name for logs and (later) metric labels.
     pub fn reason(&self) -> &'static str {
         match self {

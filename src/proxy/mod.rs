@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod headers;
+pub mod settle;
 pub mod tap;
 
 use std::net::SocketAddr;
@@ -23,16 +24,19 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::config::{Config, UpstreamConfig};
-use crate::identity::{Agent, Identities};
+use crate::identity::Identities;
+use crate::metering::{Pricing, UsageObserver};
+use crate::metrics::Metrics;
 use crate::providers::{Provider, ProviderError, ProviderKind, Router};
 use error::{error_response, ProxyError, REQUEST_ID_HEADER};
-use tap::{Observer, StreamEnd, StreamLimits, TapBody};
+use settle::Settlement;
+use tap::{StreamLimits, TapBody};
 
 /// What the proxy sends upstream: a body read whole (JSON, which the proxy may need to
 /// read) or a streamed one (uploads), both bounded by `max_body_bytes`.
 pub type UpstreamBody = Either<Full<Bytes>, Limited<Incoming>>;
 /// What the proxy answers: a tapped provider response or an error it made itself.
-pub type ResponseBody = Either<TapBody<Incoming, RequestLog>, Full<Bytes>>;
+pub type ResponseBody = Either<TapBody<Incoming, Settlement>, Full<Bytes>>;
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// Everything derived from one version of the config; swapped whole on reload.
@@ -41,6 +45,7 @@ pub struct Live {
     pub config: Config,
     pub router: Router,
     pub identities: Identities,
+    pub pricing: Pricing,
 }
 
 impl Live {
@@ -56,6 +61,7 @@ impl Live {
         Ok(Live {
             router: Router::new(providers),
             identities: Identities::from_config(&config.agents),
+            pricing: Pricing::new([&config.base_pricing, &config.pricing]),
             config,
         })
     }
@@ -65,16 +71,18 @@ impl Live {
 pub struct AppState {
     pub live: ArcSwap<Live>,
     pub client: UpstreamClient,
+    pub metrics: Arc<Metrics>,
     /// Set when shutdown begins; `/readyz` then answers 503.
     pub draining: AtomicBool,
 }
 
 impl AppState {
-    pub fn new(live: Live) -> AppState {
+    pub fn new(live: Live, metrics: Arc<Metrics>) -> AppState {
         let client = build_client(&live.config.upstream);
         AppState {
             live: ArcSwap::from_pointee(live),
             client,
+            metrics,
             draining: AtomicBool::new(false),
         }
     }
@@ -134,9 +142,14 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
 
-    match forward(&state, &live, req, &request_id, started).await {
+    match forward(&state, &live, req, &request_id, started, client_addr).await {
         Ok(response) => response,
         Err((kind, error)) => {
+            state
+                .metrics
+                .requests
+                .with_label_values(&["unknown", "none", "none", error.outcome()])
+                .inc();
             tracing::info!(
                 target: "tokenwarden::access",
                 request_id = request_id.to_str().unwrap_or_default(),
@@ -160,6 +173,7 @@ async fn forward(
     req: Request<Incoming>,
     request_id: &HeaderValue,
     started: Instant,
+    client_addr: SocketAddr,
 ) -> Result<Response<ResponseBody>, Rejection> {
     let (provider, rest) = live
         .router
@@ -184,12 +198,14 @@ async fn forward(
     let uri = provider
         .upstream_uri(rest, req.uri().query())
         .map_err(|_| reject(ProxyError::BadUpstreamRequest))?;
+    let endpoint = provider.endpoint(rest);
 
     let (mut parts, body) = req.into_parts();
     let limit = live.config.server.max_body_bytes;
-    let body = read_body(&parts.headers, body, limit)
+    let (body, json) = read_body(&parts.headers, body, limit)
         .await
         .map_err(reject)?;
+    let model = json.as_ref().map(request_model).unwrap_or_default();
 
     headers::to_upstream(&mut parts.headers, credential);
     parts.uri = uri;
@@ -202,6 +218,8 @@ async fn forward(
     let timeouts = &live.config.upstream;
     let deadline = started + timeouts.total_timeout;
     let first_byte = timeouts.first_byte_timeout.min(timeouts.total_timeout);
+    let sent = Instant::now();
+    let before_upstream = sent - started;
     let response = match tokio::time::timeout(first_byte, state.client.request(upstream_req)).await
     {
         Ok(Ok(response)) => response,
@@ -215,28 +233,57 @@ async fn forward(
             }));
         }
     };
+    let headers_at = Instant::now();
 
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(REQUEST_ID_HEADER, request_id.clone());
-    let log = RequestLog {
+    let sse = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let settlement = Settlement {
+        metrics: state.metrics.clone(),
         request_id: request_id.clone(),
+        price: live.pricing.price(&model).copied(),
         agent,
         provider: provider.name.clone(),
+        endpoint,
+        model,
         method,
         status: parts.status.as_u16(),
+        client_addr,
+        request: json.unwrap_or_default(),
+        observer: UsageObserver::new(endpoint, sse),
         started,
-        first_byte: started.elapsed(),
-        bytes: 0,
+        upstream_ttfb: headers_at - sent,
     };
+    state.metrics.active_streams.inc();
     let limits = StreamLimits {
         idle: timeouts.idle_timeout,
         deadline,
     };
-    Ok(Response::from_parts(
-        parts,
-        Either::Left(TapBody::new(body, log, limits)),
-    ))
+    let response =
+        Response::from_parts(parts, Either::Left(TapBody::new(body, settlement, limits)));
+    state
+        .metrics
+        .proxy_overhead
+        .observe((before_upstream + headers_at.elapsed()).as_secs_f64());
+    Ok(response)
+}
+
+/// The `model` field of a JSON request body, read without building the whole document.
+fn request_model(body: &Bytes) -> String {
+    #[derive(serde::Deserialize)]
+    struct Fields<'a> {
+        #[serde(borrow)]
+        model: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Fields<'_>>(body)
+        .ok()
+        .and_then(|f| f.model)
+        .map(|m| m.into_owned())
+        .unwrap_or_default()
 }
 
 /// Reads a JSON body whole (the proxy may need its fields), and streams any other body.
@@ -245,7 +292,7 @@ async fn read_body(
     headers: &HeaderMap,
     body: Incoming,
     limit: u64,
-) -> Result<UpstreamBody, ProxyError> {
+) -> Result<(UpstreamBody, Option<Bytes>), ProxyError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -256,10 +303,13 @@ async fn read_body(
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
     let limited = Limited::new(body, limit_usize);
     if !is_json(headers) {
-        return Ok(Either::Right(limited));
+        return Ok((Either::Right(limited), None));
     }
     match limited.collect().await {
-        Ok(collected) => Ok(Either::Left(Full::new(collected.to_bytes()))),
+        Ok(collected) => {
+            let bytes = collected.to_bytes();
+            Ok((Either::Left(Full::new(bytes.clone())), Some(bytes)))
+        }
         Err(e) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
         Err(_) => Err(ProxyError::BodyRead),
     }
@@ -336,40 +386,6 @@ impl std::fmt::Display for ErrorChain<'_> {
             source = e.source();
         }
         Ok(())
-    }
-}
-
-/// Settles a forwarded request: one access-log line when its response ends.
-pub struct RequestLog {
-    request_id: HeaderValue,
-    agent: Arc<Agent>,
-    provider: String,
-    method: http::Method,
-    status: u16,
-    started: Instant,
-    first_byte: Duration,
-    bytes: u64,
-}
-
-impl Observer for RequestLog {
-    fn on_data(&mut self, data: &Bytes) {
-        self.bytes += data.len() as u64;
-    }
-
-    fn on_end(self, end: StreamEnd) {
-        tracing::info!(
-            target: "tokenwarden::access",
-            request_id = self.request_id.to_str().unwrap_or_default(),
-            agent = self.agent.id,
-            provider = self.provider,
-            method = %self.method,
-            status = self.status,
-            end = end.as_str(),
-            bytes = self.bytes,
-            first_byte_ms = self.first_byte.as_secs_f64() * 1e3,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
-            "forwarded"
-        );
     }
 }
 

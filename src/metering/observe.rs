@@ -1,0 +1,575 @@
+//! Reading usage out of responses, per wire format, as the bytes go by.
+//!
+//! The observer is fed every response frame (a refcounted `Bytes`, never copied on the
+//! way) and keeps only what it needs: the usage reports, and, up to a bound, the frames
+//! themselves so that text can be counted if the provider never reports usage. JSON is
+//! parsed only for SSE events that carry a usage report, and for non-streamed bodies
+//! once, at the end.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{tokenizer, Metered, Usage};
+use crate::sse::{Event, SseParser};
+
+/// Frames kept for the fallback count, per response.
+const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
+/// Largest single SSE event the observer reads (a 10 MB line is skipped, not buffered).
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Which API a request went to, as far as metering cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// OpenAI `/chat/completions`.
+    ChatCompletions,
+    /// OpenAI legacy `/completions`.
+    Completions,
+    /// OpenAI `/responses`.
+    Responses,
+    /// OpenAI `/embeddings`.
+    Embeddings,
+    /// Anthropic `/messages`.
+    Messages,
+    /// Anything else: forwarded, metered as zero tokens.
+    Other,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Responses => "responses",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Messages => "messages",
+            Endpoint::Other => "other",
+        }
+    }
+}
+
+/// What the provider reported so far. Anthropic's figures are cumulative, so every
+/// report overwrites the fields it names and leaves the others.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reported {
+    usage: Usage,
+    input_seen: bool,
+    output_seen: bool,
+}
+
+pub struct UsageObserver {
+    endpoint: Endpoint,
+    sse: Option<SseParser>,
+    held: Vec<Bytes>,
+    held_bytes: usize,
+    /// Bytes seen past the bound, counted roughly if an estimate is needed.
+    unheld_bytes: usize,
+    reported: Reported,
+}
+
+impl UsageObserver {
+    /// `sse`: the response is an event stream (`text/event-stream`).
+    pub fn new(endpoint: Endpoint, sse: bool) -> Self {
+        UsageObserver {
+            endpoint,
+            sse: sse.then(|| SseParser::new(MAX_EVENT_BYTES)),
+            held: Vec::new(),
+            held_bytes: 0,
+            unheld_bytes: 0,
+            reported: Reported::default(),
+        }
+    }
+
+    /// Shows the observer the next frame of the response body.
+    pub fn observe(&mut self, data: &Bytes) {
+        if self.endpoint == Endpoint::Other || data.is_empty() {
+            return;
+        }
+        if self.held_bytes + data.len() <= MAX_HELD_BYTES {
+            self.held_bytes += data.len();
+            self.held.push(data.clone());
+        } else {
+            self.unheld_bytes += data.len();
+        }
+        if let Some(parser) = &mut self.sse {
+            let (endpoint, reported) = (self.endpoint, &mut self.reported);
+            parser.feed(data, &mut |event| read_event(endpoint, event, reported));
+        }
+    }
+
+    /// Whether the provider has not (yet) reported everything, so that `finish` would
+    /// run the tokenizer.
+    pub fn needs_estimate(&self) -> bool {
+        match self.endpoint {
+            Endpoint::Other => false,
+            // A whole body is read at the end; only its size can tell beforehand.
+            _ if self.sse.is_none() => self.unheld_bytes > 0,
+            Endpoint::Embeddings => !self.reported.input_seen,
+            _ => !(self.reported.input_seen && self.reported.output_seen),
+        }
+    }
+
+    /// Bytes of the response kept for the fallback count.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// SSE events dropped for exceeding the event bound.
+    pub fn dropped_events(&self) -> u64 {
+        self.sse.as_ref().map_or(0, SseParser::dropped)
+    }
+
+    /// The usage of the response: as reported where the provider reported it, estimated
+    /// from `request` (the request body) and the response text where it did not.
+    pub fn finish(mut self, model: &str, request: &[u8]) -> Metered {
+        if self.endpoint == Endpoint::Other {
+            return Metered::default();
+        }
+        if self.sse.is_none() {
+            let body = self.held.concat();
+            if self.unheld_bytes == 0 {
+                read_body(self.endpoint, &body, &mut self.reported);
+            }
+        }
+        let Reported {
+            mut usage,
+            input_seen,
+            output_seen,
+        } = self.reported;
+        if input_seen && (output_seen || self.endpoint == Endpoint::Embeddings) {
+            return Metered {
+                usage,
+                estimated: false,
+            };
+        }
+        let counter = tokenizer::for_model(model);
+        if !input_seen {
+            usage.input = counter.count(&request_text(request));
+            usage.cached_input = 0;
+            usage.cache_write = 0;
+        }
+        if !output_seen && self.endpoint != Endpoint::Embeddings {
+            let text = self.response_text();
+            usage.output = counter.count(&text) + (self.unheld_bytes / 4) as u64;
+            usage.reasoning = 0;
+        }
+        Metered {
+            usage,
+            estimated: true,
+        }
+    }
+
+    /// The generated text found in the held frames, for the fallback count.
+    fn response_text(&self) -> String {
+        let mut text = String::new();
+        match &self.sse {
+            Some(_) => {
+                let mut parser = SseParser::new(MAX_EVENT_BYTES);
+                for frame in &self.held {
+                    parser.feed(frame, &mut |event: Event<'_>| {
+                        if let Ok(value) = serde_json::from_slice::<Value>(event.data) {
+                            collect_generated_text(&value, &mut text);
+                        }
+                    });
+                }
+            }
+            None => {
+                if let Ok(value) = serde_json::from_slice::<Value>(&self.held.concat()) {
+                    collect_generated_text(&value, &mut text);
+                }
+            }
+        }
+        text
+    }
+}
+
+// === wire formats ===
+
+#[derive(Deserialize)]
+struct WithUsage<U> {
+    usage: Option<U>,
+}
+
+/// Chat completions, legacy completions and embeddings.
+#[derive(Deserialize)]
+struct OpenAiUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<CachedDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<ReasoningDetails>,
+}
+
+/// The Responses API.
+#[derive(Deserialize)]
+struct ResponsesUsage {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    input_tokens_details: Option<CachedDetails>,
+    #[serde(default)]
+    output_tokens_details: Option<ReasoningDetails>,
+}
+
+#[derive(Deserialize)]
+struct CachedDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ReasoningDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ResponsesEvent {
+    response: Option<WithUsage<ResponsesUsage>>,
+}
+
+/// Anthropic messages; every field may be absent or null in a `message_delta`.
+#[derive(Deserialize)]
+struct AnthropicUsage {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicEvent {
+    message: Option<WithUsage<AnthropicUsage>>,
+    usage: Option<AnthropicUsage>,
+}
+
+impl OpenAiUsage {
+    fn apply(self, r: &mut Reported) {
+        let cached = self
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0);
+        let prompt = self.prompt_tokens.unwrap_or(0);
+        r.usage.input = prompt.saturating_sub(cached);
+        r.usage.cached_input = cached.min(prompt);
+        r.usage.output = self.completion_tokens.unwrap_or(0);
+        r.usage.reasoning = self
+            .completion_tokens_details
+            .and_then(|d| d.reasoning_tokens)
+            .unwrap_or(0);
+        r.input_seen = true;
+        r.output_seen = true;
+    }
+}
+
+impl ResponsesUsage {
+    fn apply(self, r: &mut Reported) {
+        OpenAiUsage {
+            prompt_tokens: self.input_tokens,
+            completion_tokens: self.output_tokens,
+            prompt_tokens_details: self.input_tokens_details,
+            completion_tokens_details: self.output_tokens_details,
+        }
+        .apply(r);
+    }
+}
+
+impl AnthropicUsage {
+    /// Merges a report into what is known: fields present overwrite, absent ones stay.
+    /// `final_output`: this report's `output_tokens` is a real count, not the
+    /// placeholder of `message_start`.
+    fn merge(self, r: &mut Reported, final_output: bool) {
+        if let Some(n) = self.input_tokens {
+            r.usage.input = n;
+            r.input_seen = true;
+        }
+        if let Some(n) = self.cache_creation_input_tokens {
+            r.usage.cache_write = n;
+        }
+        if let Some(n) = self.cache_read_input_tokens {
+            r.usage.cached_input = n;
+        }
+        if let Some(n) = self.output_tokens {
+            r.usage.output = n;
+            r.output_seen |= final_output;
+        }
+    }
+}
+
+/// Reads one SSE event; JSON is parsed only when the event may carry usage.
+fn read_event(endpoint: Endpoint, event: Event<'_>, r: &mut Reported) {
+    if memchr::memmem::find(event.data, b"\"usage\"").is_none() {
+        return;
+    }
+    match endpoint {
+        Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => {
+            if let Ok(WithUsage { usage: Some(u) }) =
+                serde_json::from_slice::<WithUsage<OpenAiUsage>>(event.data)
+            {
+                u.apply(r);
+            }
+        }
+        Endpoint::Responses => {
+            if let Ok(ResponsesEvent {
+                response: Some(WithUsage { usage: Some(u) }),
+            }) = serde_json::from_slice(event.data)
+            {
+                u.apply(r);
+            }
+        }
+        Endpoint::Messages => {
+            if let Ok(e) = serde_json::from_slice::<AnthropicEvent>(event.data) {
+                if let Some(WithUsage { usage: Some(u) }) = e.message {
+                    u.merge(r, false);
+                }
+                if let Some(u) = e.usage {
+                    u.merge(r, true);
+                }
+            }
+        }
+        Endpoint::Other => {}
+    }
+}
+
+/// Reads the usage of a whole (non-streamed) JSON body.
+fn read_body(endpoint: Endpoint, body: &[u8], r: &mut Reported) {
+    match endpoint {
+        Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => {
+            if let Ok(WithUsage { usage: Some(u) }) =
+                serde_json::from_slice::<WithUsage<OpenAiUsage>>(body)
+            {
+                u.apply(r);
+            }
+        }
+        Endpoint::Responses => {
+            if let Ok(WithUsage { usage: Some(u) }) =
+                serde_json::from_slice::<WithUsage<ResponsesUsage>>(body)
+            {
+                u.apply(r);
+            }
+        }
+        Endpoint::Messages => {
+            if let Ok(WithUsage { usage: Some(u) }) =
+                serde_json::from_slice::<WithUsage<AnthropicUsage>>(body)
+            {
+                u.merge(r, true);
+            }
+        }
+        Endpoint::Other => {}
+    }
+}
+
+// === text for the fallback count ===
+
+/// Keys whose string values are generated text in any of the formats: chat deltas and
+/// messages (`content`), legacy completions and Anthropic deltas (`text`), tool calls
+/// (`arguments`, `partial_json`), thinking, and Responses deltas (`delta`).
+const GENERATED_KEYS: [&str; 6] = [
+    "content",
+    "text",
+    "arguments",
+    "partial_json",
+    "thinking",
+    "delta",
+];
+
+fn collect_generated_text(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map {
+                match v {
+                    Value::String(s) if GENERATED_KEYS.contains(&key.as_str()) => {
+                        out.push_str(s);
+                    }
+                    _ => collect_generated_text(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_generated_text(v, out)),
+        _ => {}
+    }
+}
+
+/// Keys of a request whose strings are what the model reads.
+const PROMPT_KEYS: [&str; 6] = [
+    "messages",
+    "input",
+    "prompt",
+    "system",
+    "instructions",
+    "tools",
+];
+
+/// The prompt text of a request body, for the fallback count; a body that is not JSON
+/// is counted as it is.
+fn request_text(request: &[u8]) -> String {
+    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(request) else {
+        return String::from_utf8_lossy(request).into_owned();
+    };
+    let mut out = String::new();
+    for key in PROMPT_KEYS {
+        if let Some(v) = map.get(key) {
+            collect_strings(v, &mut out);
+        }
+    }
+    out
+}
+
+fn collect_strings(value: &Value, out: &mut String) {
+    match value {
+        Value::String(s) => {
+            out.push_str(s);
+            out.push('\n');
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_strings(v, out)),
+        Value::Object(map) => map.values().for_each(|v| collect_strings(v, out)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observe_all(endpoint: Endpoint, sse: bool, body: &str, split: usize) -> UsageObserver {
+        let mut o = UsageObserver::new(endpoint, sse);
+        for chunk in body.as_bytes().chunks(split.max(1)) {
+            o.observe(&Bytes::copy_from_slice(chunk));
+        }
+        o
+    }
+
+    const CHAT_STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello there\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":9,",
+        "\"prompt_tokens_details\":{\"cached_tokens\":4},\"completion_tokens_details\":{\"reasoning_tokens\":6}}}\n\n",
+        "data: [DONE]\n\n"
+    );
+
+    #[test]
+    fn openai_stream_usage_with_cache_and_reasoning() {
+        for split in [1, 7, 64, 10_000] {
+            let m = observe_all(Endpoint::ChatCompletions, true, CHAT_STREAM, split)
+                .finish("gpt-4o", b"{}");
+            let want = Usage {
+                input: 16,
+                cached_input: 4,
+                cache_write: 0,
+                output: 9,
+                reasoning: 6,
+            };
+            assert_eq!(
+                m,
+                Metered {
+                    usage: want,
+                    estimated: false
+                },
+                "split {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn anthropic_stream_merges_cumulative_usage_field_by_field() {
+        let body = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":30,",
+            "\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":50,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":12}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+        );
+        for split in [1, 13, 10_000] {
+            let m = observe_all(Endpoint::Messages, true, body, split).finish("claude", b"{}");
+            assert!(!m.estimated);
+            assert_eq!(m.usage.input, 30);
+            assert_eq!(m.usage.cache_write, 100);
+            assert_eq!(m.usage.cached_input, 50);
+            assert_eq!(
+                m.usage.output, 15,
+                "cumulative: the last report wins, never a sum"
+            );
+        }
+    }
+
+    #[test]
+    fn anthropic_stream_cut_after_start_estimates_only_the_output() {
+        let body = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":30,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"hello world\"}}\n\n",
+        );
+        let m = observe_all(Endpoint::Messages, true, body, 5).finish("claude-sonnet-4-6", b"{}");
+        assert!(m.estimated);
+        assert_eq!(m.usage.input, 30, "the reported input stays exact");
+        assert_eq!(m.usage.output, 2, "'hello world' is two tokens");
+    }
+
+    #[test]
+    fn responses_stream_and_body() {
+        let stream = concat!(
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"x\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":",
+            "{\"input_tokens\":11,\"input_tokens_details\":{\"cached_tokens\":1},\"output_tokens\":5,",
+            "\"output_tokens_details\":{\"reasoning_tokens\":2}}}}\n\n"
+        );
+        let m = observe_all(Endpoint::Responses, true, stream, 3).finish("gpt-4o", b"{}");
+        assert_eq!(
+            (
+                m.usage.input,
+                m.usage.cached_input,
+                m.usage.output,
+                m.usage.reasoning
+            ),
+            (10, 1, 5, 2)
+        );
+        let body =
+            "{\"id\":\"r\",\"output\":[],\"usage\":{\"input_tokens\":11,\"output_tokens\":5}}";
+        let m = observe_all(Endpoint::Responses, false, body, 4).finish("gpt-4o", b"{}");
+        assert_eq!((m.usage.input, m.usage.output, m.estimated), (11, 5, false));
+    }
+
+    #[test]
+    fn embeddings_have_input_only() {
+        let body =
+            "{\"object\":\"list\",\"data\":[],\"usage\":{\"prompt_tokens\":8,\"total_tokens\":8}}";
+        let m = observe_all(Endpoint::Embeddings, false, body, 5)
+            .finish("text-embedding-3-small", b"{}");
+        assert_eq!((m.usage.input, m.usage.output, m.estimated), (8, 0, false));
+    }
+
+    #[test]
+    fn a_stream_without_usage_is_estimated_from_prompt_and_text() {
+        let body = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hello world\"}}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let request = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello world"}]}"#;
+        let m = observe_all(Endpoint::ChatCompletions, true, body, 9).finish("gpt-4o", request);
+        assert!(m.estimated);
+        assert_eq!(m.usage.output, 2);
+        // "user\nhello world\n": the role, the text and two newlines.
+        assert!((3..=6).contains(&m.usage.input), "{m:?}");
+    }
+
+    #[test]
+    fn other_endpoints_cost_nothing() {
+        let m = observe_all(
+            Endpoint::Other,
+            false,
+            "{\"usage\":{\"prompt_tokens\":5}}",
+            3,
+        )
+        .finish("x", b"");
+        assert_eq!(m, Metered::default());
+    }
+}

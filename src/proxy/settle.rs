@@ -1,0 +1,158 @@
+//! Settlement: what happens, exactly once, when a forwarded response ends.
+//!
+//! The [`Settlement`] rides in the body tap. It shows each frame to the usage observer
+//! and, at the end, turns the usage into cost, metrics and the access log line. An
+//! estimate over a large body runs on the blocking pool, never on a tokio worker.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use tokio::time::Instant;
+
+use super::tap::{Observer, StreamEnd};
+use crate::identity::Agent;
+use crate::metering::{Endpoint, Metered, Price, UsageObserver};
+use crate::metrics::Metrics;
+
+/// Past this much text to count, the fallback count leaves the tokio workers.
+const INLINE_ESTIMATE_BYTES: usize = 64 * 1024;
+
+/// The per-request context carried to the end of the response.
+pub struct Settlement {
+    pub metrics: Arc<Metrics>,
+    pub request_id: HeaderValue,
+    pub agent: Arc<Agent>,
+    pub provider: String,
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub price: Option<Price>,
+    pub method: http::Method,
+    pub status: u16,
+    pub client_addr: SocketAddr,
+    /// The JSON request body (empty for other bodies), for the fallback count.
+    pub request: Bytes,
+    pub observer: UsageObserver,
+    pub started: Instant,
+    pub upstream_ttfb: Duration,
+}
+
+/// How a forwarded request ended, as `tokenwarden_requests_total{outcome}` names it.
+pub fn outcome(end: StreamEnd, status: u16) -> &'static str {
+    match end {
+        StreamEnd::Complete if status < 400 => "ok",
+        StreamEnd::Complete => "provider_error",
+        StreamEnd::UpstreamError => "upstream_error",
+        StreamEnd::IdleTimeout | StreamEnd::TotalTimeout => "timeout",
+        StreamEnd::ClientGone => "client_gone",
+    }
+}
+
+impl Observer for Settlement {
+    fn on_data(&mut self, data: &Bytes) {
+        self.observer.observe(data);
+    }
+
+    fn on_end(self, end: StreamEnd) {
+        self.metrics.active_streams.dec();
+        let duration = self.started.elapsed();
+        let heavy = self.observer.needs_estimate()
+            && self.request.len() + self.observer.held_bytes() > INLINE_ESTIMATE_BYTES;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if heavy => {
+                runtime.spawn_blocking(move || self.settle(end, duration));
+            }
+            _ => self.settle(end, duration),
+        }
+    }
+}
+
+impl Settlement {
+    fn settle(self, end: StreamEnd, duration: Duration) {
+        let Settlement {
+            metrics,
+            request_id,
+            agent,
+            provider,
+            endpoint,
+            model,
+            price,
+            method,
+            status,
+            client_addr,
+            request,
+            observer,
+            upstream_ttfb,
+            ..
+        } = self;
+        let dropped = observer.dropped_events();
+        let Metered { usage, estimated } = observer.finish(&model, &request);
+        let cost = price.map_or(0.0, |p| p.cost_usd(&usage));
+        let outcome = outcome(end, status);
+
+        let model_label = metrics.model_label(if model.is_empty() { "none" } else { &model });
+        let team = agent.team.as_deref().unwrap_or("");
+        metrics
+            .requests
+            .with_label_values(&[&agent.id, &provider, model_label, outcome])
+            .inc();
+        let estimated_label = if estimated { "true" } else { "false" };
+        for (kind, n) in [
+            ("input", usage.input),
+            ("cached_input", usage.cached_input),
+            ("cache_write", usage.cache_write),
+            ("output", usage.output),
+            ("reasoning", usage.reasoning),
+        ] {
+            if n > 0 {
+                metrics
+                    .tokens
+                    .with_label_values(&[&agent.id, model_label, kind, estimated_label])
+                    .inc_by(n);
+            }
+        }
+        if cost > 0.0 {
+            metrics
+                .cost_usd
+                .with_label_values(&[&agent.id, team, model_label])
+                .inc_by(cost);
+        }
+        if price.is_none() && usage.total() > 0 {
+            metrics
+                .unpriced_tokens
+                .with_label_values(&[&agent.id, model_label])
+                .inc_by(usage.total());
+        }
+        if dropped > 0 {
+            metrics.sse_events_dropped.inc_by(dropped);
+        }
+        metrics.request_duration.observe(duration.as_secs_f64());
+        metrics.upstream_ttfb.observe(upstream_ttfb.as_secs_f64());
+
+        tracing::info!(
+            target: "tokenwarden::access",
+            request_id = request_id.to_str().unwrap_or_default(),
+            agent = agent.id,
+            provider,
+            endpoint = endpoint.as_str(),
+            model,
+            method = %method,
+            status,
+            client = %client_addr,
+            end = end.as_str(),
+            outcome,
+            input_tokens = usage.input,
+            cached_input_tokens = usage.cached_input,
+            cache_write_tokens = usage.cache_write,
+            output_tokens = usage.output,
+            reasoning_tokens = usage.reasoning,
+            estimated,
+            cost_usd = cost,
+            first_byte_ms = upstream_ttfb.as_secs_f64() * 1e3,
+            duration_ms = duration.as_secs_f64() * 1e3,
+            "forwarded"
+        );
+    }
+}
