@@ -34,12 +34,41 @@ pub struct Config {
     pub agents: Vec<AgentConfig>,
     #[serde(default)]
     pub metering: MeteringConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Price overrides, `[pricing."MODEL"]`, laid over the base table.
     #[serde(default)]
     pub pricing: BTreeMap<String, PriceConfig>,
     /// The base price table: `metering.pricing_file` if set, else the built-in one.
     #[serde(skip)]
     pub base_pricing: BTreeMap<String, PriceConfig>,
+}
+
+/// The audit log, kept in `storage.dir/audit`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// A file is rotated once it reaches this size; the chain continues in the next.
+    pub max_file_bytes: u64,
+    /// Environment variable holding a key: lines are then chained with HMAC-SHA-256,
+    /// so only a holder of the key can rewrite the log undetected.
+    pub hmac_key_env: Option<String>,
+    /// Write request bodies and response text into the log (off: no prompt or
+    /// completion text is ever written).
+    pub include_bodies: bool,
+    /// Refuse new requests (503) while the log cannot be written.
+    pub fail_closed: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            max_file_bytes: crate::audit::DEFAULT_MAX_FILE_BYTES,
+            hmac_key_env: None,
+            include_bodies: false,
+            fail_closed: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -256,6 +285,17 @@ impl Config {
                 "admin.listen".into(),
                 "expected an address like 127.0.0.1:9090",
             );
+        }
+        if self.audit.max_file_bytes < 4096 {
+            bad("audit.max_file_bytes".into(), "must be at least 4096");
+        }
+        if let Some(env) = &self.audit.hmac_key_env {
+            if !is_env_name(env) {
+                bad(
+                    "audit.hmac_key_env".into(),
+                    "not a valid environment variable name",
+                );
+            }
         }
         if let Some(env) = &self.admin.token_env {
             if !is_env_name(env) {

@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tokenwarden::audit::{self, AuditLog, AuditSettings};
 use tokenwarden::config::Config;
 use tokenwarden::proxy::{AppState, Live};
+use tokenwarden::secret::Secret;
 use tokenwarden::server::{self, Listeners};
 
 #[derive(Parser)]
@@ -37,6 +39,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Work with the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run the scriptable mock provider (for tests, benchmarks and trying things out).
     Mock {
         #[arg(long, default_value = "127.0.0.1:8000")]
@@ -44,6 +51,18 @@ enum Command {
         /// Keep no log of requests (for load tests).
         #[arg(long)]
         no_record: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit files; exit 1 at the first broken line.
+    Verify {
+        /// Audit files or directories; default: the audit directory of the config.
+        paths: Vec<PathBuf>,
+        /// The config naming the audit directory and the HMAC key variable.
+        #[arg(long, default_value = "config/tokenwarden.toml")]
+        config: PathBuf,
     },
 }
 
@@ -82,7 +101,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .init();
 
     match cli.command {
-        Command::Serve { config } => runtime()?.block_on(serve(config)),
+        Command::Serve { config } => {
+            let runtime = runtime()?;
+            let state = runtime.block_on(serve(config))?;
+            // Dropping the runtime ends what the grace period left open; those requests
+            // settle now, and closing the audit log afterwards writes their records.
+            drop(runtime);
+            state.audit.close();
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { paths, config },
+        } => audit_verify(paths, config),
         Command::Check { config } => check(&config),
         Command::Keys {
             command: KeysCommand::New { agent },
@@ -153,8 +183,59 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(path: PathBuf) -> anyhow::Result<()> {
+/// The HMAC key of the audit log, if the config names one.
+fn audit_key(config: &Config) -> anyhow::Result<Option<Secret<Vec<u8>>>> {
+    match &config.audit.hmac_key_env {
+        None => Ok(None),
+        Some(env) => match std::env::var(env) {
+            Ok(key) if !key.is_empty() => Ok(Some(Secret::new(key.into_bytes()))),
+            _ => anyhow::bail!("audit.hmac_key_env: environment variable {env} is not set"),
+        },
+    }
+}
+
+fn audit_verify(paths: Vec<PathBuf>, config_path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&config_path);
+    let key = match &config {
+        Ok(config) => audit_key(config)?,
+        Err(_) => None,
+    };
+    let paths = if paths.is_empty() {
+        vec![config?.storage.dir.join("audit")]
+    } else {
+        paths
+    };
+    match audit::verify::verify(&paths, key.as_ref().map(|k| k.expose().as_slice())) {
+        Ok(v) => {
+            say(&format!(
+                "ok: {} records in {} files (seq {} to {})",
+                v.records,
+                v.files,
+                v.first_seq.unwrap_or(0),
+                v.last_seq.unwrap_or(0)
+            ));
+            Ok(())
+        }
+        Err(broken) => anyhow::bail!("audit chain broken at {broken}"),
+    }
+}
+
+async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
     let live = load_live(&path)?;
+    let metrics = Arc::new(tokenwarden::metrics::Metrics::new()?);
+    let audit = Arc::new(AuditLog::open(
+        AuditSettings {
+            dir: live.config.storage.dir.join("audit"),
+            max_file_bytes: live.config.audit.max_file_bytes,
+            hmac_key: audit_key(&live.config)?,
+        },
+        metrics.audit_records.clone(),
+        metrics.audit_write_errors.clone(),
+    )?);
+    // Build the fallback tokenizer now, off the workers, not on the first cut stream.
+    drop(tokio::task::spawn_blocking(
+        tokenwarden::metering::tokenizer::warm_up,
+    ));
     let listeners = Listeners::bind(&live.config.server.listen, &live.config.admin.listen).await?;
     let scheme = if live.config.server.tls.is_some() {
         "https"
@@ -166,12 +247,9 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
         listeners.proxy.local_addr()?,
         listeners.admin.local_addr()?
     ));
-    let metrics = Arc::new(tokenwarden::metrics::Metrics::new()?);
-    // Build the fallback tokenizer now, off the workers, not on the first cut stream.
-    let warm = tokio::task::spawn_blocking(tokenwarden::metering::tokenizer::warm_up);
-    let state = Arc::new(AppState::new(live, metrics));
-    drop(warm);
-    server::run(state, listeners, shutdown_signal()).await
+    let state = Arc::new(AppState::new(live, metrics, audit));
+    server::run(state.clone(), listeners, shutdown_signal()).await?;
+    Ok(state)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub proxy_overhead: Histogram,
     pub active_streams: IntGauge,
     pub sse_events_dropped: IntCounter,
+    pub audit_records: IntCounter,
+    pub audit_write_errors: IntCounter,
     models: Mutex<HashSet<String>>,
 }
 
@@ -88,6 +90,16 @@ impl Metrics {
             "tokenwarden_sse_events_dropped_total",
             "SSE events too large for the observer (forwarded, not read)",
         )?;
+        let audit_records = IntCounter::new(
+            "tokenwarden_audit_records_total",
+            "Audit records written and fsynced",
+        )?;
+        let audit_write_errors = IntCounter::new(
+            "tokenwarden_audit_write_errors_total",
+            "Failed writes of the audit log (each retried)",
+        )?;
+        registry.register(Box::new(audit_records.clone()))?;
+        registry.register(Box::new(audit_write_errors.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(cost_usd.clone()))?;
@@ -108,6 +120,8 @@ impl Metrics {
             proxy_overhead,
             active_streams,
             sse_events_dropped,
+            audit_records,
+            audit_write_errors,
             models: Mutex::new(HashSet::new()),
         })
     }

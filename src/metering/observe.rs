@@ -109,6 +109,15 @@ impl UsageObserver {
         }
     }
 
+    /// The response as far as it was kept, for `audit.include_bodies`.
+    pub fn held_text(&self) -> String {
+        let mut out = Vec::with_capacity(self.held_bytes);
+        for frame in &self.held {
+            out.extend_from_slice(frame);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
     /// Bytes of the response kept for the fallback count.
     pub fn held_bytes(&self) -> usize {
         self.held_bytes

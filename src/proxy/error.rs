@@ -33,6 +33,8 @@ pub enum ProxyError {
     FirstByteTimeout { provider: String, timeout: String },
     #[error("invalid upstream request")]
     BadUpstreamRequest,
+    #[error("the audit log cannot be written ({0}); requests are refused until it can")]
+    AuditUnavailable(String),
 }
 
 impl ProxyError {
@@ -44,7 +46,9 @@ impl ProxyError {
             }
             ProxyError::Unauthorized => ErrorClass::Authentication,
             ProxyError::BodyTooLarge { .. } => ErrorClass::RequestTooLarge,
-            ProxyError::ProviderKeyMissing { .. } => ErrorClass::Unavailable,
+            ProxyError::ProviderKeyMissing { .. } | ProxyError::AuditUnavailable(_) => {
+                ErrorClass::Unavailable
+            }
             ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamClosed { .. } => {
                 ErrorClass::UpstreamUnreachable
             }
@@ -76,6 +80,7 @@ impl ProxyError {
             ProxyError::UpstreamClosed { .. } => "upstream_closed",
             ProxyError::FirstByteTimeout { .. } => "upstream_timeout",
             ProxyError::BadUpstreamRequest => "bad_upstream_request",
+            ProxyError::AuditUnavailable(_) => "audit_unavailable",
         }
     }
 }

@@ -23,8 +23,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
+use crate::audit::AuditLog;
 use crate::config::{Config, UpstreamConfig};
-use crate::identity::Identities;
+use crate::identity::{Agent, Identities};
 use crate::metering::{Pricing, UsageObserver};
 use crate::metrics::Metrics;
 use crate::providers::{Provider, ProviderError, ProviderKind, Router};
@@ -72,17 +73,19 @@ pub struct AppState {
     pub live: ArcSwap<Live>,
     pub client: UpstreamClient,
     pub metrics: Arc<Metrics>,
+    pub audit: Arc<AuditLog>,
     /// Set when shutdown begins; `/readyz` then answers 503.
     pub draining: AtomicBool,
 }
 
 impl AppState {
-    pub fn new(live: Live, metrics: Arc<Metrics>) -> AppState {
+    pub fn new(live: Live, metrics: Arc<Metrics>, audit: Arc<AuditLog>) -> AppState {
         let client = build_client(&live.config.upstream);
         AppState {
             live: ArcSwap::from_pointee(live),
             client,
             metrics,
+            audit,
             draining: AtomicBool::new(false),
         }
     }
@@ -130,8 +133,13 @@ pub async fn handle(
     req: Request<Incoming>,
     client_addr: SocketAddr,
 ) -> Response<ResponseBody> {
-    let started = Instant::now();
-    let request_id = new_request_id();
+    let meta = RequestMeta {
+        started: Instant::now(),
+        request_id: new_request_id(),
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        client_addr,
+    };
     let live = state.live.load_full();
     // The shape errors take before a provider is known.
     let fallback_kind = if req.headers().contains_key("anthropic-version") {
@@ -139,56 +147,76 @@ pub async fn handle(
     } else {
         ProviderKind::OpenAi
     };
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
 
-    match forward(&state, &live, req, &request_id, started, client_addr).await {
+    match forward(&state, &live, req, &meta).await {
         Ok(response) => response,
-        Err((kind, error)) => {
-            state
-                .metrics
-                .requests
-                .with_label_values(&["unknown", "none", "none", error.outcome()])
-                .inc();
-            tracing::info!(
-                target: "tokenwarden::access",
-                request_id = request_id.to_str().unwrap_or_default(),
-                client = %client_addr,
-                %method,
-                path,
-                status = error.class().status().as_u16(),
-                reason = error.reason(),
-                "rejected: {error}"
+        Err(rejected) => {
+            let response = error_response(
+                rejected.kind.unwrap_or(fallback_kind),
+                &rejected.error,
+                &meta.request_id,
             );
-            error_response(kind.unwrap_or(fallback_kind), &error, &request_id)
+            settle::reject(&state, &meta, rejected);
+            response
         }
     }
 }
 
-type Rejection = (Option<ProviderKind>, ProxyError);
+/// What is known of a request from its first line.
+pub struct RequestMeta {
+    pub started: Instant,
+    pub request_id: HeaderValue,
+    pub method: http::Method,
+    /// Without the query string, which may carry credentials of its own.
+    pub path: String,
+    pub client_addr: SocketAddr,
+}
+
+/// A request the proxy answered itself, with what was known when it stopped.
+pub struct Rejected {
+    pub kind: Option<ProviderKind>,
+    pub error: ProxyError,
+    pub agent: Option<Arc<Agent>>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+}
 
 async fn forward(
     state: &AppState,
     live: &Live,
     req: Request<Incoming>,
-    request_id: &HeaderValue,
-    started: Instant,
-    client_addr: SocketAddr,
-) -> Result<Response<ResponseBody>, Rejection> {
-    let (provider, rest) = live
-        .router
-        .route(req.uri().path())
-        .ok_or((None, ProxyError::NoRoute))?;
-    let kind = Some(provider.kind);
-    let reject = |e: ProxyError| (kind, e);
+    meta: &RequestMeta,
+) -> Result<Response<ResponseBody>, Rejected> {
+    let Some((provider, rest)) = live.router.route(req.uri().path()) else {
+        return Err(Rejected {
+            kind: None,
+            error: ProxyError::NoRoute,
+            agent: None,
+            provider: None,
+            model: None,
+        });
+    };
+    let agent = live.identities.identify(req.headers());
+    let reject = |error: ProxyError| Rejected {
+        kind: Some(provider.kind),
+        error,
+        agent: agent.clone(),
+        provider: Some(provider.name.clone()),
+        model: None,
+    };
 
     if is_unsafe_path(rest) {
         return Err(reject(ProxyError::UnsafePath));
     }
-    let agent = live
-        .identities
-        .identify(req.headers())
-        .ok_or_else(|| reject(ProxyError::Unauthorized))?;
+    let Some(agent) = agent.clone() else {
+        return Err(reject(ProxyError::Unauthorized));
+    };
+    if live.config.audit.fail_closed {
+        state
+            .audit
+            .accepting()
+            .map_err(|why| reject(ProxyError::AuditUnavailable(why)))?;
+    }
     let credential = provider.credential().map_err(|env| {
         reject(ProxyError::ProviderKeyMissing {
             provider: provider.name.clone(),
@@ -204,22 +232,25 @@ async fn forward(
     let limit = live.config.server.max_body_bytes;
     let (body, json) = read_body(&parts.headers, body, limit)
         .await
-        .map_err(reject)?;
+        .map_err(&reject)?;
     let model = json.as_ref().map(request_model).unwrap_or_default();
+    let reject = |error: ProxyError| Rejected {
+        model: Some(model.clone()),
+        ..reject(error)
+    };
 
     headers::to_upstream(&mut parts.headers, credential);
     parts.uri = uri;
     // The client's HTTP version says nothing about the upstream connection: the pooled
     // client speaks HTTP/1.1 or, where ALPN agrees, HTTP/2.
     parts.version = http::Version::HTTP_11;
-    let method = parts.method.clone();
     let upstream_req = Request::from_parts(parts, body);
 
     let timeouts = &live.config.upstream;
-    let deadline = started + timeouts.total_timeout;
+    let deadline = meta.started + timeouts.total_timeout;
     let first_byte = timeouts.first_byte_timeout.min(timeouts.total_timeout);
     let sent = Instant::now();
-    let before_upstream = sent - started;
+    let before_upstream = sent - meta.started;
     let response = match tokio::time::timeout(first_byte, state.client.request(upstream_req)).await
     {
         Ok(Ok(response)) => response,
@@ -237,25 +268,30 @@ async fn forward(
 
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(REQUEST_ID_HEADER, request_id.clone());
+    parts
+        .headers
+        .insert(REQUEST_ID_HEADER, meta.request_id.clone());
     let sse = parts
         .headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let settlement = Settlement {
         metrics: state.metrics.clone(),
-        request_id: request_id.clone(),
+        audit: state.audit.clone(),
+        include_bodies: live.config.audit.include_bodies,
+        request_id: meta.request_id.clone(),
         price: live.pricing.price(&model).copied(),
         agent,
         provider: provider.name.clone(),
         endpoint,
         model,
-        method,
+        method: meta.method.clone(),
+        path: meta.path.clone(),
         status: parts.status.as_u16(),
-        client_addr,
+        client_addr: meta.client_addr,
         request: json.unwrap_or_default(),
         observer: UsageObserver::new(endpoint, sse),
-        started,
+        started: meta.started,
         upstream_ttfb: headers_at - sent,
     };
     state.metrics.active_streams.inc();

@@ -10,9 +10,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::tap::{Observer, StreamEnd};
+use super::{AppState, Rejected, RequestMeta};
+use crate::audit::{now_rfc3339, AuditLog, Record};
 use crate::identity::Agent;
 use crate::metering::{Endpoint, Metered, Price, UsageObserver};
 use crate::metrics::Metrics;
@@ -23,6 +26,8 @@ const INLINE_ESTIMATE_BYTES: usize = 64 * 1024;
 /// The per-request context carried to the end of the response.
 pub struct Settlement {
     pub metrics: Arc<Metrics>,
+    pub audit: Arc<AuditLog>,
+    pub include_bodies: bool,
     pub request_id: HeaderValue,
     pub agent: Arc<Agent>,
     pub provider: String,
@@ -30,6 +35,7 @@ pub struct Settlement {
     pub model: String,
     pub price: Option<Price>,
     pub method: http::Method,
+    pub path: String,
     pub status: u16,
     pub client_addr: SocketAddr,
     /// The JSON request body (empty for other bodies), for the fallback count.
@@ -73,6 +79,8 @@ impl Settlement {
     fn settle(self, end: StreamEnd, duration: Duration) {
         let Settlement {
             metrics,
+            audit,
+            include_bodies,
             request_id,
             agent,
             provider,
@@ -80,6 +88,7 @@ impl Settlement {
             model,
             price,
             method,
+            path,
             status,
             client_addr,
             request,
@@ -88,6 +97,7 @@ impl Settlement {
             ..
         } = self;
         let dropped = observer.dropped_events();
+        let response_body = include_bodies.then(|| observer.held_text());
         let Metered { usage, estimated } = observer.finish(&model, &request);
         let cost = price.map_or(0.0, |p| p.cost_usd(&usage));
         let outcome = outcome(end, status);
@@ -131,6 +141,35 @@ impl Settlement {
         metrics.request_duration.observe(duration.as_secs_f64());
         metrics.upstream_ttfb.observe(upstream_ttfb.as_secs_f64());
 
+        audit.append(Record {
+            ts: now_rfc3339(),
+            kind: "request",
+            request_id: request_id.to_str().unwrap_or_default().to_owned(),
+            agent: Some(agent.id.clone()),
+            team: agent.team.clone(),
+            run: None,
+            provider: Some(provider.clone()),
+            model: (!model.is_empty()).then(|| model.clone()),
+            method: method.to_string(),
+            path,
+            status,
+            outcome,
+            reason: end.as_str().to_owned(),
+            input_tokens: usage.input,
+            cached_input_tokens: usage.cached_input,
+            cache_write_tokens: usage.cache_write,
+            output_tokens: usage.output,
+            reasoning_tokens: usage.reasoning,
+            estimated,
+            cost_usd: cost,
+            latency_ms: duration.as_secs_f64() * 1e3,
+            ttfb_ms: Some(upstream_ttfb.as_secs_f64() * 1e3),
+            fingerprint: (!request.is_empty()).then(|| hex::encode(Sha256::digest(&request))),
+            client: client_addr.to_string(),
+            request_body: include_bodies.then(|| String::from_utf8_lossy(&request).into_owned()),
+            response_body,
+        });
+
         tracing::info!(
             target: "tokenwarden::access",
             request_id = request_id.to_str().unwrap_or_default(),
@@ -155,4 +194,62 @@ impl Settlement {
             "forwarded"
         );
     }
+}
+
+/// Counts, audits and logs a request the proxy answered itself.
+pub fn reject(state: &AppState, meta: &RequestMeta, rejected: Rejected) {
+    let Rejected {
+        error,
+        agent,
+        provider,
+        model,
+        ..
+    } = rejected;
+    let status = error.class().status().as_u16();
+    let outcome = error.outcome();
+    let model_label = state
+        .metrics
+        .model_label(model.as_deref().filter(|m| !m.is_empty()).unwrap_or("none"));
+    let agent_label = agent.as_ref().map_or("unknown", |a| a.id.as_str());
+    state
+        .metrics
+        .requests
+        .with_label_values(&[
+            agent_label,
+            provider.as_deref().unwrap_or("none"),
+            model_label,
+            outcome,
+        ])
+        .inc();
+    let latency = meta.started.elapsed();
+    tracing::info!(
+        target: "tokenwarden::access",
+        request_id = meta.request_id.to_str().unwrap_or_default(),
+        agent = agent_label,
+        client = %meta.client_addr,
+        method = %meta.method,
+        path = meta.path,
+        status,
+        outcome,
+        reason = error.reason(),
+        "rejected: {error}"
+    );
+    state.audit.append(Record {
+        ts: now_rfc3339(),
+        kind: "request",
+        request_id: meta.request_id.to_str().unwrap_or_default().to_owned(),
+        agent: agent.as_ref().map(|a| a.id.clone()),
+        team: agent.as_ref().and_then(|a| a.team.clone()),
+        run: None,
+        provider,
+        model: model.filter(|m| !m.is_empty()),
+        method: meta.method.to_string(),
+        path: meta.path.clone(),
+        status,
+        outcome,
+        reason: error.reason().to_owned(),
+        latency_ms: latency.as_secs_f64() * 1e3,
+        client: meta.client_addr.to_string(),
+        ..Record::default()
+    });
 }

@@ -1,0 +1,407 @@
+//! The audit log: one JSON line per request and per decision, hash-chained, append-only.
+//!
+//! Records are queued by the request path and written by one dedicated thread (file I/O
+//! never runs on a tokio worker). The writer takes whatever is queued, chains each line
+//! to the one before (SHA-256, or HMAC-SHA-256 with a key), appends the batch and fsyncs
+//! it once: group commit. Files rotate by size and the chain continues across them.
+//!
+//! The queue never drops a settled record. It is bounded by admission instead: while the
+//! writer is failing or far behind, [`AuditLog::accepting`] is false and the proxy
+//! refuses new requests (fail closed), so only requests already in flight can add to it.
+
+pub mod verify;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use prometheus::IntCounter;
+use serde::Serialize;
+
+use crate::secret::Secret;
+
+/// Queued records past which new requests are refused until the writer catches up.
+pub const MAX_QUEUED: usize = 100_000;
+/// Default size at which a file is rotated.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// `prev_hash` of the very first record.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audit line, before the writer adds `seq`, `prev_hash` and `hash`.
+///
+/// No secret is ever a field: keys appear only as the agent they identify, the path
+/// carries no query string, and bodies are written only with `audit.include_bodies`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Record {
+    /// RFC 3339, UTC, milliseconds.
+    pub ts: String,
+    /// `request` or `admin`.
+    pub kind: &'static str,
+    pub request_id: String,
+    pub agent: Option<String>,
+    pub team: Option<String>,
+    pub run: Option<String>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// `ok`, `provider_error`, `upstream_error`, `timeout`, `client_gone`, `rejected`.
+    pub outcome: &'static str,
+    /// Why, in a stable word: the stream's end or the rejection's reason.
+    pub reason: String,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub estimated: bool,
+    pub cost_usd: f64,
+    pub latency_ms: f64,
+    pub ttfb_ms: Option<f64>,
+    /// SHA-256 of the request body, hex.
+    pub fingerprint: Option<String>,
+    pub client: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<String>,
+}
+
+/// The current time as the audit log writes it.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// How the log is kept.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub dir: PathBuf,
+    pub max_file_bytes: u64,
+    pub hmac_key: Option<Secret<Vec<u8>>>,
+}
+
+struct Queue {
+    pending: Vec<Record>,
+    closing: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// The last write succeeded.
+    healthy: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    records_total: IntCounter,
+    write_errors_total: IntCounter,
+}
+
+/// The handle the proxy holds; cheap to share.
+pub struct AuditLog {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot prepare the audit directory {dir}: {source}")]
+    Dir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot recover the audit chain from {file}: {reason}")]
+    Recover { file: PathBuf, reason: String },
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log in `settings.dir`, recovers the chain's tail, and starts
+    /// the writer thread.
+    pub fn open(
+        settings: AuditSettings,
+        records_total: IntCounter,
+        write_errors_total: IntCounter,
+    ) -> Result<AuditLog, AuditError> {
+        let state = writer::recover(&settings)?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                pending: Vec::new(),
+                closing: false,
+            }),
+            wake: Condvar::new(),
+            healthy: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            records_total,
+            write_errors_total,
+        });
+        let thread_shared = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer::run(thread_shared, settings, state))
+            .map_err(|source| AuditError::Dir {
+                dir: PathBuf::from("(writer thread)"),
+                source,
+            })?;
+        Ok(AuditLog {
+            shared,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Queues a record. Never blocks on I/O and never drops the record.
+    pub fn append(&self, record: Record) {
+        let mut queue = lock(&self.shared.queue);
+        if queue.closing && lock(&self.writer).is_none() {
+            tracing::error!(
+                request_id = record.request_id,
+                "audit record after close, not written"
+            );
+            return;
+        }
+        queue.pending.push(record);
+        drop(queue);
+        self.shared.wake.notify_one();
+    }
+
+    /// Whether new requests may be admitted: the last write succeeded and the writer is
+    /// not far behind. `Err` says why not.
+    pub fn accepting(&self) -> Result<(), String> {
+        if !self.shared.healthy.load(Ordering::Acquire) {
+            let why = lock(&self.shared.last_error).clone();
+            return Err(why.unwrap_or_else(|| "write failed".into()));
+        }
+        if lock(&self.shared.queue).pending.len() >= MAX_QUEUED {
+            return Err(format!("{MAX_QUEUED} records waiting to be written"));
+        }
+        Ok(())
+    }
+
+    /// Writes everything queued and stops the writer. Call it after the last request has
+    /// settled (the server drained and its runtime dropped).
+    pub fn close(&self) {
+        lock(&self.shared.queue).closing = true;
+        self.shared.wake.notify_one();
+        if let Some(handle) = lock(&self.writer).take() {
+            if handle.join().is_err() {
+                tracing::error!("the audit writer panicked");
+            }
+        }
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The lock guards plain data with no invariant a panic could break.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The hash that chains a line: SHA-256 of its bytes (up to and including `prev_hash`),
+/// or HMAC-SHA-256 with the key, lower-case hex.
+pub fn chain_hash(key: Option<&[u8]>, line: &[u8]) -> String {
+    use hmac::Mac;
+    use sha2::Digest;
+    match key {
+        Some(key) => match hmac::Hmac::<sha2::Sha256>::new_from_slice(key) {
+            Ok(mut mac) => {
+                mac.update(line);
+                hex::encode(mac.finalize().into_bytes())
+            }
+            // HMAC takes keys of any length; this arm cannot be reached.
+            Err(_) => hex::encode(sha2::Sha256::digest(line)),
+        },
+        None => hex::encode(sha2::Sha256::digest(line)),
+    }
+}
+
+/// The audit files in `dir`, in chain order.
+pub fn log_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    // Names carry the zero-padded sequence number of their first line.
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counter(name: &str) -> IntCounter {
+        IntCounter::new(name, "test").unwrap()
+    }
+
+    fn open(dir: &Path, max_file_bytes: u64, key: Option<&[u8]>) -> AuditLog {
+        let settings = AuditSettings {
+            dir: dir.to_path_buf(),
+            max_file_bytes,
+            hmac_key: key.map(|k| Secret::new(k.to_vec())),
+        };
+        AuditLog::open(settings, counter("records"), counter("errors")).unwrap()
+    }
+
+    fn record(i: u64) -> Record {
+        Record {
+            ts: now_rfc3339(),
+            kind: "request",
+            request_id: format!("req_{i}"),
+            agent: Some("agent-a".into()),
+            method: "POST".into(),
+            path: "/openai/v1/chat/completions".into(),
+            status: 200,
+            outcome: "ok",
+            input_tokens: i,
+            cost_usd: i as f64 * 1e-6,
+            ..Record::default()
+        }
+    }
+
+    fn write(dir: &Path, range: std::ops::Range<u64>, max_file_bytes: u64) {
+        let log = open(dir, max_file_bytes, None);
+        for i in range {
+            log.append(record(i));
+        }
+        log.close();
+    }
+
+    fn lines(dir: &Path) -> Vec<(PathBuf, Vec<String>)> {
+        log_files(dir)
+            .unwrap()
+            .into_iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(&f).unwrap();
+                (f, text.lines().map(str::to_owned).collect())
+            })
+            .collect()
+    }
+
+    fn verify_dir(dir: &Path) -> Result<verify::Verified, verify::Broken> {
+        verify::verify(&[dir.to_path_buf()], None)
+    }
+
+    #[test]
+    fn records_chain_and_verify_across_restarts_and_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 0..10, 2000);
+        write(dir.path(), 10..25, 2000);
+        let v = verify_dir(dir.path()).unwrap();
+        assert_eq!(
+            (v.records, v.first_seq, v.last_seq),
+            (25, Some(1), Some(25))
+        );
+        assert!(v.files > 2, "rotation by size: {} files", v.files);
+        let all = lines(dir.path());
+        let first: serde_json::Value = serde_json::from_str(&all[0].1[0]).unwrap();
+        assert_eq!(first["seq"], 1);
+        assert_eq!(first["prev_hash"], GENESIS_HASH);
+        assert_eq!(first["agent"], "agent-a");
+        assert_eq!(first["request_id"], "req_0");
+    }
+
+    #[test]
+    fn an_edited_line_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 0..5, DEFAULT_MAX_FILE_BYTES);
+        let (file, mut ls) = lines(dir.path()).remove(0);
+        ls[2] = ls[2].replace("\"input_tokens\":2", "\"input_tokens\":9");
+        std::fs::write(&file, ls.join("\n") + "\n").unwrap();
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert_eq!(err.line, 3);
+        assert!(err.reason.contains("altered"), "{err}");
+    }
+
+    #[test]
+    fn deleted_and_reordered_lines_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 0..5, DEFAULT_MAX_FILE_BYTES);
+        let (file, ls) = lines(dir.path()).remove(0);
+        let mut deleted = ls.clone();
+        deleted.remove(1);
+        std::fs::write(&file, deleted.join("\n") + "\n").unwrap();
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(err.reason.contains("missing or out of order"), "{err}");
+
+        let mut swapped = ls.clone();
+        swapped.swap(2, 3);
+        std::fs::write(&file, swapped.join("\n") + "\n").unwrap();
+        let err = verify_dir(dir.path()).unwrap_err();
+        assert_eq!(err.line, 3);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_at_start_and_the_chain_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 0..3, DEFAULT_MAX_FILE_BYTES);
+        let (file, _) = lines(dir.path()).remove(0);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"{\"seq\":4,\"ts\":\"20").unwrap();
+        drop(f);
+        assert!(verify_dir(dir.path()).unwrap_err().reason.contains("torn"));
+        write(dir.path(), 3..5, DEFAULT_MAX_FILE_BYTES);
+        let v = verify_dir(dir.path()).unwrap();
+        assert_eq!((v.records, v.last_seq), (5, Some(5)));
+    }
+
+    #[test]
+    fn with_an_hmac_key_the_key_is_needed_to_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), DEFAULT_MAX_FILE_BYTES, Some(b"secret"));
+        log.append(record(1));
+        log.close();
+        let paths = [dir.path().to_path_buf()];
+        assert!(verify::verify(&paths, Some(b"secret")).is_ok());
+        assert!(verify::verify(&paths, None).is_err());
+        assert!(verify::verify(&paths, Some(b"wrong")).is_err());
+    }
+
+    #[test]
+    fn an_unwritable_dir_fails_closed_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), 200, None);
+        log.append(record(1));
+        // Wait for the first write, then make rotation impossible.
+        for _ in 0..200 {
+            if !lines(dir.path()).is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let blocker = dir.path().join("audit-000000000002.jsonl");
+        std::fs::create_dir(&blocker).unwrap();
+        log.append(record(2));
+        let mut refused = false;
+        for _ in 0..400 {
+            if log.accepting().is_err() {
+                refused = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(refused, "the log never reported the failed write");
+        std::fs::remove_dir(&blocker).unwrap();
+        for _ in 0..400 {
+            if log.accepting().is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(log.accepting().is_ok(), "the log did not recover");
+        log.close();
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 2);
+    }
+}

@@ -1,0 +1,217 @@
+//! The writer thread: chain, append, fsync per batch, rotate, and recover the tail of the
+//! chain at start (a torn last line from a crash is cut off, not fatal).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{chain_hash, lock, log_files, AuditError, AuditSettings, Record, Shared, GENESIS_HASH};
+
+/// Where the chain stands.
+pub(super) struct ChainState {
+    seq: u64,
+    prev: String,
+    file: Option<(File, PathBuf)>,
+    size: u64,
+}
+
+/// How long a failing write waits before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// Tries at shutdown before the writer gives up on a failing disk.
+const RETRIES_AT_CLOSE: u32 = 10;
+
+pub(super) fn recover(settings: &AuditSettings) -> Result<ChainState, AuditError> {
+    let dir_err = |source| AuditError::Dir {
+        dir: settings.dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&settings.dir).map_err(dir_err)?;
+    let files = log_files(&settings.dir).map_err(dir_err)?;
+    for path in files.iter().rev() {
+        let recover_err = |reason: String| AuditError::Recover {
+            file: path.clone(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| recover_err(e.to_string()))?;
+        let good_len = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if good_len < bytes.len() {
+            tracing::warn!(
+                file = %path.display(),
+                torn_bytes = bytes.len() - good_len,
+                "audit log ends in a torn line (a crash mid-write); cutting it off"
+            );
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| recover_err(e.to_string()))?;
+            file.set_len(good_len as u64)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| recover_err(e.to_string()))?;
+        }
+        let Some(last) = bytes[..good_len]
+            .strip_suffix(b"\n")
+            .map(|b| b.rsplit(|&c| c == b'\n').next().unwrap_or(b))
+        else {
+            // An empty file (perhaps made so by the cut above): the tail of the chain is
+            // in the one before, and a stale name must not claim a sequence number.
+            std::fs::remove_file(path).map_err(|e| recover_err(e.to_string()))?;
+            continue;
+        };
+        let value: serde_json::Value = serde_json::from_slice(last)
+            .map_err(|e| recover_err(format!("last line is not JSON: {e}")))?;
+        let seq = value["seq"]
+            .as_u64()
+            .ok_or_else(|| recover_err("no seq".into()))?;
+        let hash = value["hash"]
+            .as_str()
+            .ok_or_else(|| recover_err("no hash".into()))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| recover_err(e.to_string()))?;
+        return Ok(ChainState {
+            seq,
+            prev: hash.to_owned(),
+            file: Some((file, path.clone())),
+            size: good_len as u64,
+        });
+    }
+    Ok(ChainState {
+        seq: 0,
+        prev: GENESIS_HASH.to_owned(),
+        file: None,
+        size: 0,
+    })
+}
+
+/// Encodes one record as a chained line: `{"seq":N,<record fields>,"prev_hash":"…","hash":"…"}`.
+/// The hash covers every byte before `,"hash"` with the object closed.
+pub(super) fn encode_line(
+    record: &Record,
+    seq: u64,
+    prev: &str,
+    key: Option<&[u8]>,
+) -> (Vec<u8>, String) {
+    let body = serde_json::to_vec(record).unwrap_or_else(|_| b"{}".to_vec());
+    let fields = body
+        .get(1..body.len().saturating_sub(1))
+        .unwrap_or_default();
+    let mut line = Vec::with_capacity(body.len() + 180);
+    line.extend_from_slice(b"{\"seq\":");
+    line.extend_from_slice(seq.to_string().as_bytes());
+    if !fields.is_empty() {
+        line.push(b',');
+        line.extend_from_slice(fields);
+    }
+    line.extend_from_slice(b",\"prev_hash\":\"");
+    line.extend_from_slice(prev.as_bytes());
+    line.extend_from_slice(b"\"}");
+    let hash = chain_hash(key, &line);
+    line.pop();
+    line.extend_from_slice(b",\"hash\":\"");
+    line.extend_from_slice(hash.as_bytes());
+    line.extend_from_slice(b"\"}\n");
+    (line, hash)
+}
+
+pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: ChainState) {
+    let key = settings.hmac_key.as_ref().map(|k| k.expose().as_slice());
+    loop {
+        let (batch, closing) = {
+            let mut queue = lock(&shared.queue);
+            while queue.pending.is_empty() && !queue.closing {
+                queue = shared
+                    .wake
+                    .wait(queue)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            (std::mem::take(&mut queue.pending), queue.closing)
+        };
+        if batch.is_empty() && closing {
+            return;
+        }
+
+        let mut buf = Vec::with_capacity(batch.len() * 600);
+        let (mut seq, mut prev) = (state.seq, state.prev.clone());
+        for record in &batch {
+            seq += 1;
+            let (line, hash) = encode_line(record, seq, &prev, key);
+            buf.extend_from_slice(&line);
+            prev = hash;
+        }
+
+        let mut tries = 0;
+        loop {
+            match write_batch(&mut state, &settings, &buf) {
+                Ok(()) => break,
+                Err(e) => {
+                    tries += 1;
+                    shared.write_errors_total.inc();
+                    let message = format!("cannot write the audit log: {e}");
+                    if shared.healthy.swap(false, Ordering::AcqRel) {
+                        tracing::error!("{message}; refusing new requests until it recovers");
+                    }
+                    *lock(&shared.last_error) = Some(message);
+                    if closing && tries >= RETRIES_AT_CLOSE {
+                        tracing::error!(
+                            lost = batch.len(),
+                            "giving up on the audit log at shutdown"
+                        );
+                        return;
+                    }
+                    std::thread::sleep(RETRY_AFTER);
+                }
+            }
+        }
+        state.seq = seq;
+        state.prev = prev;
+        shared.records_total.inc_by(batch.len() as u64);
+        if !shared.healthy.swap(true, Ordering::AcqRel) {
+            tracing::info!("the audit log is writable again");
+            *lock(&shared.last_error) = None;
+        }
+    }
+}
+
+/// Appends one batch and fsyncs it; rotates first if the file is full. On failure the
+/// file is cut back to where it was, so a retry cannot leave half a batch behind.
+fn write_batch(
+    state: &mut ChainState,
+    settings: &AuditSettings,
+    buf: &[u8],
+) -> std::io::Result<()> {
+    if state.file.is_none() || state.size >= settings.max_file_bytes {
+        let path = settings
+            .dir
+            .join(format!("audit-{:012}.jsonl", state.seq + 1));
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let size = file.metadata()?.len();
+        if let Ok(dir) = File::open(&settings.dir) {
+            // Make the new file's name durable too.
+            let _ = dir.sync_all();
+        }
+        state.file = Some((file, path));
+        state.size = size;
+    }
+    let Some((file, _)) = state.file.as_mut() else {
+        return Err(std::io::Error::other("no audit file"));
+    };
+    let result = file.write_all(buf).and_then(|()| file.sync_data());
+    match result {
+        Ok(()) => {
+            state.size += buf.len() as u64;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = file.set_len(state.size);
+            if state.size == 0 {
+                // Do not leave an empty file whose name claims a sequence number.
+                state.file = None;
+            }
+            Err(e)
+        }
+    }
+}
