@@ -129,7 +129,7 @@ async fn an_upstream_dying_mid_stream_never_looks_like_a_clean_end() {
         "the chunks before the cut arrived: {text}"
     );
     assert!(!text.contains("[DONE]"));
-    assert!(proxy.proc.log_text().contains("end=\"upstream_error\""));
+    proxy.wait_for_log("end=\"upstream_error\"", 1).await;
     still_serves(&proxy).await;
 }
 
@@ -163,7 +163,7 @@ async fn a_client_leaving_mid_stream_closes_the_upstream_at_once() {
     );
     assert!(left.elapsed() < Duration::from_secs(3));
     still_serves(&proxy).await;
-    assert!(proxy.proc.log_text().contains("end=\"client_gone\""));
+    proxy.wait_for_log("end=\"client_gone\"", 1).await;
 }
 
 #[tokio::test]
@@ -203,14 +203,7 @@ async fn a_stalled_stream_is_cut_after_the_idle_limit() {
             "{fault}: nothing cut the stall"
         );
     }
-    assert_eq!(
-        proxy
-            .proc
-            .log_text()
-            .matches("end=\"idle_timeout\"")
-            .count(),
-        2
-    );
+    proxy.wait_for_log("end=\"idle_timeout\"", 2).await;
     // The cut reached the mock too: its stream saw the client go.
     assert_eq!(mock.wait_for_outcome().await["outcome"], "client_gone");
     still_serves(&proxy).await;
@@ -233,7 +226,7 @@ async fn a_stream_past_the_total_limit_is_cut() {
     assert!(end.is_err(), "the stream ran past its total limit");
     assert!(!bytes.is_empty(), "chunks before the limit arrived");
     assert!(started.elapsed() < Duration::from_secs(4));
-    assert!(proxy.proc.log_text().contains("end=\"total_timeout\""));
+    proxy.wait_for_log("end=\"total_timeout\"", 1).await;
 }
 
 #[tokio::test]

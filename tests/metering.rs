@@ -270,20 +270,22 @@ async fn streams_cut_short_are_estimated_and_marked() {
     drop(b);
     mock.wait_for_outcome().await;
 
-    // Both settled: wait for the client-gone one to show.
-    let mut m = scrape(&proxy).await;
-    for _ in 0..100 {
-        if sample(
-            &m,
+    // Both settle on the blocking pool (they need the tokenizer): wait for both.
+    let settled = |m: &HashMap<String, f64>, o: &str| {
+        sample(
+            m,
             "tokenwarden_requests_total",
             &[
                 ("agent", "agent-a"),
                 ("provider", "openai"),
                 ("model", "gpt-4o"),
-                ("outcome", "client_gone"),
+                ("outcome", o),
             ],
-        ) == 1.0
-        {
+        )
+    };
+    let mut m = scrape(&proxy).await;
+    for _ in 0..250 {
+        if settled(&m, "client_gone") == 1.0 && settled(&m, "upstream_error") == 1.0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

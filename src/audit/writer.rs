@@ -134,19 +134,20 @@ pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: Chain
             return;
         }
 
-        let mut buf = Vec::with_capacity(batch.len() * 600);
-        let (mut seq, mut prev) = (state.seq, state.prev.clone());
-        for record in &batch {
-            seq += 1;
-            let (line, hash) = encode_line(record, seq, &prev, key);
-            buf.extend_from_slice(&line);
+        let mut lines = Vec::with_capacity(batch.len());
+        let mut prev = state.prev.clone();
+        for (i, record) in batch.iter().enumerate() {
+            let (line, hash) = encode_line(record, state.seq + 1 + i as u64, &prev, key);
+            lines.push(line);
             prev = hash;
         }
 
+        // Lines written so far, kept across retries so that none is written twice.
+        let mut written = 0;
         let mut tries = 0;
-        loop {
-            match write_batch(&mut state, &settings, &buf) {
-                Ok(()) => break,
+        while written < lines.len() {
+            match write_lines(&mut state, &settings, &lines, &mut written) {
+                Ok(()) => {}
                 Err(e) => {
                     tries += 1;
                     shared.write_errors_total.inc();
@@ -157,7 +158,7 @@ pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: Chain
                     *lock(&shared.last_error) = Some(message);
                     if closing && tries >= RETRIES_AT_CLOSE {
                         tracing::error!(
-                            lost = batch.len(),
+                            lost = lines.len() - written,
                             "giving up on the audit log at shutdown"
                         );
                         return;
@@ -166,7 +167,7 @@ pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: Chain
                 }
             }
         }
-        state.seq = seq;
+        state.seq += lines.len() as u64;
         state.prev = prev;
         shared.records_total.inc_by(batch.len() as u64);
         if !shared.healthy.swap(true, Ordering::AcqRel) {
@@ -176,42 +177,55 @@ pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: Chain
     }
 }
 
-/// Appends one batch and fsyncs it; rotates first if the file is full. On failure the
-/// file is cut back to where it was, so a retry cannot leave half a batch behind.
-fn write_batch(
+/// Appends `lines[*written..]` and fsyncs, a file at a time: a file is rotated once it
+/// holds `max_file_bytes` (a single larger line still gets a file of its own). On failure
+/// the file is cut back to its last synced size, so a retry cannot leave half a write.
+fn write_lines(
     state: &mut ChainState,
     settings: &AuditSettings,
-    buf: &[u8],
+    lines: &[Vec<u8>],
+    written: &mut usize,
 ) -> std::io::Result<()> {
-    if state.file.is_none() || state.size >= settings.max_file_bytes {
-        let path = settings
-            .dir
-            .join(format!("audit-{:012}.jsonl", state.seq + 1));
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let size = file.metadata()?.len();
-        if let Ok(dir) = File::open(&settings.dir) {
-            // Make the new file's name durable too.
-            let _ = dir.sync_all();
+    while *written < lines.len() {
+        let next_len = lines[*written].len() as u64;
+        let full = state.size > 0 && state.size + next_len > settings.max_file_bytes;
+        if state.file.is_none() || full {
+            let first_seq = state.seq + 1 + *written as u64;
+            let path = settings.dir.join(format!("audit-{first_seq:012}.jsonl"));
+            let file = OpenOptions::new().create(true).append(true).open(&path)?;
+            let size = file.metadata()?.len();
+            if let Ok(dir) = File::open(&settings.dir) {
+                // Make the new file's name durable too.
+                let _ = dir.sync_all();
+            }
+            state.file = Some((file, path));
+            state.size = size;
         }
-        state.file = Some((file, path));
-        state.size = size;
-    }
-    let Some((file, _)) = state.file.as_mut() else {
-        return Err(std::io::Error::other("no audit file"));
-    };
-    let result = file.write_all(buf).and_then(|()| file.sync_data());
-    match result {
-        Ok(()) => {
-            state.size += buf.len() as u64;
-            Ok(())
+        let mut buf = Vec::new();
+        let mut take = 0;
+        for line in &lines[*written..] {
+            let fits = state.size + (buf.len() + line.len()) as u64 <= settings.max_file_bytes;
+            if take > 0 && !fits {
+                break;
+            }
+            buf.extend_from_slice(line);
+            take += 1;
         }
-        Err(e) => {
+        let Some((file, _)) = state.file.as_mut() else {
+            return Err(std::io::Error::other("no audit file"));
+        };
+        if let Err(e) = file.write_all(&buf).and_then(|()| file.sync_data()) {
             let _ = file.set_len(state.size);
             if state.size == 0 {
-                // Do not leave an empty file whose name claims a sequence number.
-                state.file = None;
+                // Leave no empty file whose name claims a sequence number.
+                if let Some((_, path)) = state.file.take() {
+                    let _ = std::fs::remove_file(path);
+                }
             }
-            Err(e)
+            return Err(e);
         }
+        state.size += buf.len() as u64;
+        *written += take;
     }
+    Ok(())
 }

@@ -20,9 +20,6 @@ use crate::identity::Agent;
 use crate::metering::{Endpoint, Metered, Price, UsageObserver};
 use crate::metrics::Metrics;
 
-/// Past this much text to count, the fallback count leaves the tokio workers.
-const INLINE_ESTIMATE_BYTES: usize = 64 * 1024;
-
 /// The per-request context carried to the end of the response.
 pub struct Settlement {
     pub metrics: Arc<Metrics>,
@@ -64,10 +61,11 @@ impl Observer for Settlement {
     fn on_end(self, end: StreamEnd) {
         self.metrics.active_streams.dec();
         let duration = self.started.elapsed();
-        let heavy = self.observer.needs_estimate()
-            && self.request.len() + self.observer.held_bytes() > INLINE_ESTIMATE_BYTES;
+        // Counting tokens is CPU work of unknown size (and the first count builds the
+        // tokenizer): it goes to the blocking pool, so it never holds up a worker that
+        // the rest of this connection, or any other, is waiting for.
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if heavy => {
+            Ok(runtime) if self.observer.needs_estimate() => {
                 runtime.spawn_blocking(move || self.settle(end, duration));
             }
             _ => self.settle(end, duration),

@@ -82,8 +82,9 @@ pub enum TapError {
 pin_project! {
     /// A response body that forwards frames untouched and reports them to an observer.
     pub struct TapBody<B, O: Observer> {
+        // `None` only while the tap is dropped: the upstream body goes first.
         #[pin]
-        inner: B,
+        inner: Option<B>,
         #[pin]
         timer: Sleep,
         limits: StreamLimits,
@@ -94,7 +95,11 @@ pin_project! {
 
     impl<B, O: Observer> PinnedDrop for TapBody<B, O> {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(observer) = this.project().observer.take() {
+            let mut this = this.project();
+            // Close the upstream first, so the provider stops generating at once, then
+            // settle (which may count tokens).
+            this.inner.set(None);
+            if let Some(observer) = this.observer.take() {
                 observer.on_end(StreamEnd::ClientGone);
             }
         }
@@ -106,7 +111,7 @@ impl<B, O: Observer> TapBody<B, O> {
         let now = Instant::now();
         let first_check = (now + limits.idle).min(limits.deadline);
         TapBody {
-            inner,
+            inner: Some(inner),
             timer: sleep_until(first_check),
             limits,
             last_frame: now,
@@ -135,21 +140,23 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, TapError>>> {
         let mut this = self.project();
+        let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
+            return Poll::Ready(None);
+        };
         if this.observer.is_none() {
             // Settled: after a clean end only trailers (or nothing) can follow; after a
             // failure the server does not poll again.
-            return this
-                .inner
+            return inner
                 .poll_frame(cx)
                 .map_err(|e| TapError::Upstream(e.into()));
         }
-        match this.inner.as_mut().poll_frame(cx) {
+        match inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 *this.last_frame = Instant::now();
                 if let (Some(data), Some(observer)) = (frame.data_ref(), this.observer.as_mut()) {
                     observer.on_data(data);
                 }
-                if this.inner.is_end_stream() {
+                if inner.is_end_stream() {
                     settle(this.observer, StreamEnd::Complete);
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -184,11 +191,13 @@ where
     fn is_end_stream(&self) -> bool {
         // Until settled, claim more may come, so the server polls once more and the
         // tap sees the end of an empty body instead of being dropped unpolled.
-        self.observer.is_none() && self.inner.is_end_stream()
+        self.observer.is_none() && self.inner.as_ref().is_none_or(B::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), B::size_hint)
     }
 }
 

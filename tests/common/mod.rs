@@ -190,6 +190,21 @@ impl Proxy {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Waits until the proxy's log holds `needle` `times` times (settlements that count
+    /// tokens finish on the blocking pool, a moment after the response).
+    pub async fn wait_for_log(&self, needle: &str, times: usize) {
+        for _ in 0..250 {
+            if self.proc.log_text().matches(needle).count() >= times {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "{needle:?} not {times} times in the log:\n{}",
+            self.proc.log_text()
+        );
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
     }
