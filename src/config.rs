@@ -204,6 +204,15 @@ pub struct ProviderConfig {
     pub prefix: String,
     /// Environment variable holding the provider's API key; none means no key is sent.
     pub api_key_env: Option<String>,
+    /// OpenAI format: add `stream_options.include_usage` to streamed requests that did
+    /// not ask for it, so the provider reports the true count, and strip the extra usage
+    /// from what the client receives. Turn off for servers that reject the field.
+    #[serde(default = "default_true")]
+    pub inject_usage: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use common::*;
 use http_body_util::BodyExt;
+use sha2::Digest;
 use tokenwarden::metering::tokenizer;
 
 /// Metric samples as `name{sorted labels}` → value.
@@ -395,5 +396,93 @@ async fn price_overrides_in_the_config_apply() {
             &[("agent", "agent-a"), ("model", "my-local-llama")]
         ),
         0.0
+    );
+}
+
+#[tokio::test]
+async fn usage_is_asked_for_upstream_and_hidden_from_the_client() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&mock));
+    let cases = [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"gpt-4o-mini","prompt":"hi","stream":true}"#,
+        ),
+    ];
+    for (path, body) in cases {
+        let headers = [("content-type", "application/json"), ("x-mock-chunks", "6")];
+        let direct = send(request(
+            "POST",
+            &format!("{}{path}", mock.url()),
+            &headers,
+            body,
+        ))
+        .await;
+        let auth = bearer(KEY_A);
+        let proxied = send(request(
+            "POST",
+            &proxy.url(&format!("/openai{path}")),
+            &[headers[0], headers[1], ("authorization", &auth)],
+            body,
+        ))
+        .await;
+        assert_eq!(proxied.0, 200);
+        assert_eq!(
+            proxied.2, direct.2,
+            "{path}: the client must see the stream it asked for"
+        );
+        assert!(!String::from_utf8_lossy(&proxied.2).contains("usage"));
+
+        // The provider was asked for usage, with every other byte as the client sent it.
+        let seen = mock.last_request().await;
+        let injected = format!(
+            "{},\"stream_options\":{{\"include_usage\":true}}}}",
+            &body[..body.len() - 1]
+        );
+        assert_eq!(
+            seen["body_sha256"],
+            hex::encode(sha2::Sha256::digest(injected.as_bytes())),
+            "{path}"
+        );
+    }
+    // Both counted exactly, from the provider's report.
+    let m = scrape(&proxy).await;
+    assert_eq!(tokens(&m, "agent-a", "gpt-4o-mini", "output", false), 12.0);
+    assert_eq!(tokens(&m, "agent-a", "gpt-4o-mini", "output", true), 0.0);
+}
+
+#[tokio::test]
+async fn usage_injection_can_be_turned_off_per_provider() {
+    let mock = Mock::start();
+    let config = config(&mock).replacen(
+        "api_key_env = \"TW_TEST_OPENAI_KEY\"",
+        "api_key_env = \"TW_TEST_OPENAI_KEY\"\ninject_usage = false",
+        1,
+    );
+    let proxy = Proxy::start(&config);
+    let body =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, _, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let seen = mock.last_request().await;
+    assert_eq!(
+        seen["body_sha256"],
+        hex::encode(sha2::Sha256::digest(body.as_bytes())),
+        "untouched"
+    );
+    proxy.wait_for_log("estimated=true", 1).await;
+    let m = scrape(&proxy).await;
+    assert!(
+        tokens(&m, "agent-a", "gpt-4o-mini", "output", true) > 0.0,
+        "estimated instead"
     );
 }

@@ -72,6 +72,8 @@ pub struct Provider {
     pub name: String,
     pub kind: ProviderKind,
     pub prefix: String,
+    /// Ask for usage on streams that did not (OpenAI format only).
+    pub inject_usage: bool,
     scheme: Scheme,
     authority: Authority,
     /// Path of `base_url` without a trailing slash; empty for a bare host.
@@ -143,6 +145,7 @@ impl Provider {
             name: cfg.name.clone(),
             kind,
             prefix: cfg.prefix.clone(),
+            inject_usage: cfg.inject_usage && kind == ProviderKind::OpenAi,
             scheme,
             authority,
             base_path,
@@ -238,6 +241,7 @@ mod tests {
             base_url: base.into(),
             prefix: prefix.into(),
             api_key_env: Some("KEY".into()),
+            inject_usage: true,
         };
         Provider::from_config(&cfg, |_| Some("sk-real".into())).unwrap()
     }
@@ -352,6 +356,7 @@ mod tests {
             base_url: "https://a".into(),
             prefix: "/openai".into(),
             api_key_env: Some("NOT_SET".into()),
+            inject_usage: true,
         };
         let p = Provider::from_config(&cfg, |_| None).unwrap();
         assert_eq!(p.credential().unwrap_err(), "NOT_SET");

@@ -22,9 +22,148 @@ pub fn error_body(class: ErrorClass, message: &str) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// The few request fields the proxy reads, without building the whole document.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct RequestFields<'a> {
+    #[serde(borrow, default)]
+    pub model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+impl RequestFields<'_> {
+    /// A streamed request that did not ask for usage: the proxy should ask for it.
+    pub fn wants_usage_injected(&self) -> bool {
+        self.stream == Some(true)
+            && self.stream_options.as_ref().and_then(|o| o.include_usage) != Some(true)
+    }
+}
+
+/// The body with `stream_options.include_usage = true`. Without `stream_options` the
+/// field is spliced in before the closing brace, leaving every other byte as sent;
+/// otherwise the document is rewritten. `None` if the body is not a JSON object.
+pub fn inject_include_usage(body: &[u8], has_stream_options: bool) -> Option<Bytes> {
+    if !has_stream_options {
+        let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+        if body[end] != b'}' {
+            return None;
+        }
+        let empty = body[..end]
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .is_some_and(|i| body[i] == b'{');
+        let mut out = Vec::with_capacity(body.len() + 40);
+        out.extend_from_slice(&body[..end]);
+        if !empty {
+            out.push(b',');
+        }
+        out.extend_from_slice(br#""stream_options":{"include_usage":true}"#);
+        out.extend_from_slice(&body[end..]);
+        return Some(Bytes::from(out));
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let options = value.as_object_mut()?.get_mut("stream_options")?;
+    if !options.is_object() {
+        *options = json!({});
+    }
+    options
+        .as_object_mut()?
+        .insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&value).ok().map(Bytes::from)
+}
+
+/// What the client would have received without the injected option, for one complete
+/// raw SSE event: the usage-only chunk goes entirely (`None`), and the `"usage":null`
+/// field the option adds to every other chunk is cut out.
+pub fn strip_injected_usage(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    use std::borrow::Cow;
+    let finder = memchr::memmem::Finder::new(br#","usage":null"#);
+    let is_usage_chunk = memchr::memmem::find(event, br#""choices":[]"#).is_some()
+        && memchr::memmem::find(event, br#""usage":{"#).is_some();
+    if is_usage_chunk {
+        return None;
+    }
+    if finder.find(event).is_none() {
+        return Some(Cow::Borrowed(event));
+    }
+    let mut out = Vec::with_capacity(event.len());
+    let mut rest = event;
+    while let Some(i) = finder.find(rest) {
+        out.extend_from_slice(&rest[..i]);
+        rest = &rest[i + finder.needle().len()..];
+    }
+    out.extend_from_slice(rest);
+    Some(Cow::Owned(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn include_usage_is_spliced_in_without_touching_other_bytes() {
+        let body = b"{ \"model\" : \"gpt-4o\",\n \"stream\": true }\n";
+        let out = inject_include_usage(body, false).unwrap();
+        assert_eq!(
+            &out[..],
+            &b"{ \"model\" : \"gpt-4o\",\n \"stream\": true ,\"stream_options\":{\"include_usage\":true}}\n"[..]
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(
+            &inject_include_usage(b"{}", false).unwrap()[..],
+            br#"{"stream_options":{"include_usage":true}}"#
+        );
+        assert!(inject_include_usage(b"[1]", false).is_none());
+    }
+
+    #[test]
+    fn existing_stream_options_are_kept_and_completed() {
+        let body = br#"{"stream":true,"stream_options":{"include_usage":false,"other":1}}"#;
+        let v: serde_json::Value =
+            serde_json::from_slice(&inject_include_usage(body, true).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["other"], 1);
+    }
+
+    #[test]
+    fn which_requests_get_the_option() {
+        let f = |b: &str| {
+            serde_json::from_str::<RequestFields<'_>>(b)
+                .unwrap()
+                .wants_usage_injected()
+        };
+        assert!(f(r#"{"stream":true}"#));
+        assert!(f(
+            r#"{"stream":true,"stream_options":{"include_usage":false}}"#
+        ));
+        assert!(!f(
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        ));
+        assert!(!f(r#"{"stream":false}"#));
+        assert!(!f(r#"{}"#));
+    }
+
+    #[test]
+    fn stripping_restores_the_stream_without_the_option() {
+        let chunk = b"data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+        assert_eq!(
+            &strip_injected_usage(chunk).unwrap()[..],
+            &b"data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n"[..]
+        );
+        let usage = b"data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n";
+        assert!(strip_injected_usage(usage).is_none());
+        let done = b"data: [DONE]\n\n";
+        assert_eq!(&strip_injected_usage(done).unwrap()[..], &done[..]);
+    }
 
     #[test]
     fn error_shape_matches_the_api() {

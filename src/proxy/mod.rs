@@ -4,6 +4,7 @@
 pub mod error;
 pub mod headers;
 pub mod settle;
+pub mod strip;
 pub mod tap;
 
 use std::net::SocketAddr;
@@ -26,18 +27,22 @@ use tokio::time::Instant;
 use crate::audit::AuditLog;
 use crate::config::{Config, UpstreamConfig};
 use crate::identity::{Agent, Identities};
-use crate::metering::{Pricing, UsageObserver};
+use crate::metering::{Endpoint, Pricing, UsageObserver};
 use crate::metrics::Metrics;
+use crate::providers::openai::{self, RequestFields};
 use crate::providers::{Provider, ProviderError, ProviderKind, Router};
 use error::{error_response, ProxyError, REQUEST_ID_HEADER};
 use settle::Settlement;
+use strip::StripUsage;
 use tap::{StreamLimits, TapBody};
 
 /// What the proxy sends upstream: a body read whole (JSON, which the proxy may need to
 /// read) or a streamed one (uploads), both bounded by `max_body_bytes`.
 pub type UpstreamBody = Either<Full<Bytes>, Limited<Incoming>>;
 /// What the proxy answers: a tapped provider response or an error it made itself.
-pub type ResponseBody = Either<TapBody<Incoming, Settlement>, Full<Bytes>>;
+pub type ResponseBody = Either<Either<Tapped, StripUsage<Tapped>>, Full<Bytes>>;
+/// A provider's response body on its way to the client.
+pub type Tapped = TapBody<Incoming, Settlement>;
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// Everything derived from one version of the config; swapped whole on reload.
@@ -233,7 +238,28 @@ async fn forward(
     let (body, json) = read_body(&parts.headers, body, limit)
         .await
         .map_err(&reject)?;
-    let model = json.as_ref().map(request_model).unwrap_or_default();
+    let fields = json
+        .as_deref()
+        .and_then(|b| serde_json::from_slice::<RequestFields<'_>>(b).ok())
+        .unwrap_or_default();
+    let model = fields.model.as_deref().unwrap_or_default().to_owned();
+    // The one change made to a request: ask for the usage report the client did not.
+    let mut body = body;
+    let inject = provider.inject_usage
+        && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
+        && fields.wants_usage_injected();
+    let injected = match (&json, inject) {
+        (Some(original), true) => {
+            openai::inject_include_usage(original, fields.stream_options.is_some())
+        }
+        _ => None,
+    };
+    if let Some(new_body) = injected.as_ref() {
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(new_body.len()));
+        body = Either::Left(Full::new(new_body.clone()));
+    }
     let reject = |error: ProxyError| Rejected {
         model: Some(model.clone()),
         ..reject(error)
@@ -275,6 +301,10 @@ async fn forward(
         .headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let strip = injected.is_some() && sse && parts.status.is_success();
+    if strip {
+        parts.headers.remove(CONTENT_LENGTH);
+    }
     let settlement = Settlement {
         metrics: state.metrics.clone(),
         audit: state.audit.clone(),
@@ -299,27 +329,18 @@ async fn forward(
         idle: timeouts.idle_timeout,
         deadline,
     };
-    let response =
-        Response::from_parts(parts, Either::Left(TapBody::new(body, settlement, limits)));
+    let tapped = TapBody::new(body, settlement, limits);
+    let body = if strip {
+        Either::Right(StripUsage::new(tapped))
+    } else {
+        Either::Left(tapped)
+    };
+    let response = Response::from_parts(parts, Either::Left(body));
     state
         .metrics
         .proxy_overhead
         .observe((before_upstream + headers_at.elapsed()).as_secs_f64());
     Ok(response)
-}
-
-/// The `model` field of a JSON request body, read without building the whole document.
-fn request_model(body: &Bytes) -> String {
-    #[derive(serde::Deserialize)]
-    struct Fields<'a> {
-        #[serde(borrow)]
-        model: Option<std::borrow::Cow<'a, str>>,
-    }
-    serde_json::from_slice::<Fields<'_>>(body)
-        .ok()
-        .and_then(|f| f.model)
-        .map(|m| m.into_owned())
-        .unwrap_or_default()
 }
 
 /// Reads a JSON body whole (the proxy may need its fields), and streams any other body.
