@@ -486,3 +486,33 @@ async fn usage_injection_can_be_turned_off_per_provider() {
         "estimated instead"
     );
 }
+
+#[tokio::test]
+async fn compressed_responses_are_metered_from_a_decompressed_copy() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&mock));
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"zip it"}]}"#;
+    let (status, headers, bytes) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[
+            ("authorization", &bearer(KEY_A)),
+            ("x-mock-gzip", "1"),
+            ("x-mock-chunks", "8"),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("content-encoding").unwrap(), "gzip");
+    assert_eq!(
+        &bytes[..2],
+        &[0x1f, 0x8b],
+        "the client gets the compressed bytes"
+    );
+    let m = scrape(&proxy).await;
+    assert_eq!(tokens(&m, "agent-a", "gpt-4o-mini", "output", false), 8.0);
+    assert_eq!(
+        tokens(&m, "agent-a", "gpt-4o-mini", "input", false),
+        mock_prompt_tokens(body)
+    );
+}

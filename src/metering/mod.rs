@@ -4,6 +4,7 @@
 //! Nothing here knows of hyper or tokio: the proxy feeds response bytes to a
 //! [`UsageObserver`] and asks it for the [`Metered`] result at the end.
 
+pub mod decode;
 pub mod observe;
 pub mod pricing;
 pub mod tokenizer;

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use crate::audit::AuditLog;
 use crate::config::{Config, UpstreamConfig};
 use crate::identity::{Agent, Identities};
+use crate::metering::decode::Decoder;
 use crate::metering::{Endpoint, Pricing, UsageObserver};
 use crate::metrics::Metrics;
 use crate::providers::openai::{self, RequestFields};
@@ -321,6 +322,11 @@ async fn forward(
         client_addr: meta.client_addr,
         request: json.unwrap_or_default(),
         observer: UsageObserver::new(endpoint, sse),
+        decoder: parts
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Decoder::for_encoding),
         started: meta.started,
         upstream_ttfb: headers_at - sent,
     };

@@ -17,6 +17,7 @@ use super::tap::{Observer, StreamEnd};
 use super::{AppState, Rejected, RequestMeta};
 use crate::audit::{now_rfc3339, AuditLog, Record};
 use crate::identity::Agent;
+use crate::metering::decode::Decoder;
 use crate::metering::{Endpoint, Metered, Price, UsageObserver};
 use crate::metrics::Metrics;
 
@@ -38,6 +39,8 @@ pub struct Settlement {
     /// The JSON request body (empty for other bodies), for the fallback count.
     pub request: Bytes,
     pub observer: UsageObserver,
+    /// For a compressed response: the observer reads a decompressed copy.
+    pub decoder: Option<Decoder>,
     pub started: Instant,
     pub upstream_ttfb: Duration,
 }
@@ -55,7 +58,10 @@ pub fn outcome(end: StreamEnd, status: u16) -> &'static str {
 
 impl Observer for Settlement {
     fn on_data(&mut self, data: &Bytes) {
-        self.observer.observe(data);
+        match &mut self.decoder {
+            None => self.observer.observe(data),
+            Some(decoder) => self.observer.observe(&decoder.decode(data)),
+        }
     }
 
     fn on_end(self, end: StreamEnd) {
