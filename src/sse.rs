@@ -266,6 +266,59 @@ data: [DONE]\r\r";
         assert_eq!(dropped, 1);
     }
 
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Lines an SSE stream is made of, with every kind of line ending.
+        fn line() -> impl Strategy<Value = Vec<u8>> {
+            let body = prop_oneof![
+                "[a-z ]{0,12}".prop_map(|s| format!("data: {s}")),
+                "[a-z_.]{1,10}".prop_map(|s| format!("event: {s}")),
+                "[a-z ]{0,8}".prop_map(|s| format!(": {s}")),
+                Just("id: 1".to_owned()),
+                Just(String::new()),
+            ];
+            let end = prop_oneof![Just("\n"), Just("\r\n"), Just("\r")];
+            (body, end).prop_map(|(b, e)| format!("{b}{e}").into_bytes())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// However the stream is cut into frames, the events are those of the whole.
+            #[test]
+            fn any_framing_gives_the_same_events(
+                lines in proptest::collection::vec(line(), 0..40),
+                cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
+            ) {
+                let stream: Vec<u8> = lines.concat();
+                let whole = parse_chunks(&[&stream], 1 << 20);
+                let mut points: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+                points.sort_unstable();
+                let mut chunks = Vec::new();
+                let mut at = 0;
+                for p in points {
+                    chunks.push(&stream[at..p]);
+                    at = p;
+                }
+                chunks.push(&stream[at..]);
+                prop_assert_eq!(parse_chunks(&chunks, 1 << 20), whole);
+            }
+
+            /// Arbitrary bytes never panic and never yield an event past the bound.
+            #[test]
+            fn arbitrary_bytes_stay_bounded(
+                frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16),
+            ) {
+                let mut p = SseParser::new(32);
+                for f in &frames {
+                    p.feed(f, &mut |e: Event<'_>| assert!(e.data.len() <= 32 && e.event.len() <= 32));
+                }
+            }
+        }
+    }
+
     #[test]
     fn field_without_colon_and_without_space() {
         assert_eq!(parse(b"data\n\n"), vec![ev("", "")]);

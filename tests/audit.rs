@@ -242,3 +242,170 @@ async fn verify_finds_an_edited_line_and_restarts_continue_the_chain() {
     assert!(!ok);
     assert!(text.contains(":2: seq 2: the line was altered"), "{text}");
 }
+
+#[tokio::test]
+async fn audit_lines_agree_with_the_metrics_for_a_mixed_load() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&mock));
+    let auth = bearer(KEY_A);
+    let chat =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"a"}]}"#;
+    for headers in [
+        vec![("x-mock-chunks", "4")],
+        vec![("x-mock-chunks", "10"), ("x-mock-fault", "drop-mid-stream")],
+    ] {
+        let mut all = vec![
+            ("content-type", "application/json"),
+            ("authorization", auth.as_str()),
+        ];
+        all.extend(headers);
+        let response = client()
+            .request(request(
+                "POST",
+                &proxy.url("/openai/v1/chat/completions"),
+                &all,
+                chat,
+            ))
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
+    }
+    let (status, _, _) = post_json(
+        &proxy.url("/anthropic/v1/messages"),
+        &[("x-api-key", KEY_A), ("x-mock-cached-tokens", "7")],
+        r#"{"model":"claude-haiku-4-5","max_tokens":9,"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let lines = wait_for_lines(&proxy, 3).await;
+    assert_eq!(lines.len(), 3);
+    // Lines are in settlement order: the cut stream settles last (it counts tokens).
+    let by = |provider: &str, outcome: &str| {
+        lines
+            .iter()
+            .find(|l| l["provider"] == provider && l["outcome"] == outcome)
+            .unwrap_or_else(|| panic!("no {provider} {outcome} line in {lines:?}"))
+    };
+    assert_eq!(
+        by("openai", "ok")["estimated"],
+        false,
+        "usage was injected and reported"
+    );
+    assert_eq!(by("openai", "upstream_error")["estimated"], true);
+    assert_eq!(by("anthropic", "ok")["cached_input_tokens"], 7);
+
+    let metrics =
+        String::from_utf8(get(&proxy.admin_url("/metrics"), &[]).await.2.to_vec()).unwrap();
+    let metric_sum = |name: &str, filter: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(filter))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+            .sum()
+    };
+    for (field, kind) in [
+        ("input_tokens", "input"),
+        ("cached_input_tokens", "cached_input"),
+        ("output_tokens", "output"),
+    ] {
+        let audited: u64 = lines.iter().map(|l| l[field].as_u64().unwrap()).sum();
+        let counted = metric_sum("tokenwarden_tokens_total{", &format!("kind=\"{kind}\""));
+        assert_eq!(audited as f64, counted, "{field}");
+    }
+    let audited_cost: f64 = lines.iter().map(|l| l["cost_usd"].as_f64().unwrap()).sum();
+    assert!((audited_cost - metric_sum("tokenwarden_cost_usd_total{", "")).abs() < 1e-9);
+    let (ok, text) = verify(&proxy);
+    assert!(ok, "{text}");
+}
+
+#[tokio::test]
+async fn bodies_are_written_only_when_asked() {
+    let mock = Mock::start();
+    let config = config(&mock).replace("[upstream]", "[audit]\ninclude_bodies = true\n[upstream]");
+    let proxy = Proxy::start(&config);
+    let body =
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"the prompt text"}]}"#;
+    let (status, _, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let line = wait_for_lines(&proxy, 1).await.remove(0);
+    assert_eq!(line["request_body"], body);
+    assert!(line["response_body"]
+        .as_str()
+        .unwrap()
+        .contains("tok0 tok1"));
+}
+
+#[tokio::test]
+async fn an_unwritable_log_fails_closed_with_503_and_recovers() {
+    let mock = Mock::start();
+    // Bodies in the log and a small file size: every record gets a file of its own, so
+    // the name of the next file is known and can be blocked.
+    let config = config(&mock).replace(
+        "[upstream]",
+        "[audit]\ninclude_bodies = true\nmax_file_bytes = 4096\n[upstream]",
+    );
+    let proxy = Proxy::start(&config);
+    let big = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(5000)
+    );
+    let auth = bearer(KEY_A);
+    let url = proxy.url("/openai/v1/chat/completions");
+    let headers = [("authorization", auth.as_str())];
+    let send_one = || post_json(&url, &headers, &big);
+    assert_eq!(send_one().await.0, 200);
+    wait_for_lines(&proxy, 1).await;
+    let blocker = proxy.dir.path().join("data/audit/audit-000000000002.jsonl");
+    std::fs::create_dir(&blocker).unwrap();
+    assert_eq!(
+        send_one().await.0,
+        200,
+        "in flight when the disk failed: served, record kept"
+    );
+
+    let mut refused = None;
+    for _ in 0..200 {
+        let (status, _, body) = send_one().await;
+        if status == 503 {
+            refused = Some(body);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let body = refused.expect("the proxy kept serving with an unwritable audit log");
+    let v = json(&body);
+    assert_eq!(v["error"]["code"], "service_unavailable");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("audit log"),
+        "{v}"
+    );
+
+    std::fs::remove_dir(&blocker).unwrap();
+    let mut recovered = false;
+    for _ in 0..200 {
+        if send_one().await.0 == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(recovered, "the proxy did not recover when the disk did");
+    let m = String::from_utf8(get(&proxy.admin_url("/metrics"), &[]).await.2.to_vec()).unwrap();
+    assert!(
+        !m.contains("tokenwarden_audit_write_errors_total 0"),
+        "write errors were counted"
+    );
+    // Nothing was lost: the chain verifies and holds every request, refused ones too.
+    let (ok, text) = verify(&proxy);
+    assert!(ok, "{text}");
+}

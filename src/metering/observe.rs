@@ -314,9 +314,21 @@ impl AnthropicUsage {
     }
 }
 
-/// Reads one SSE event; JSON is parsed only when the event may carry usage.
+/// Whether a JSON text has a `"usage"` key whose value is an object (not `null`), found
+/// without parsing: most chunks carry `"usage":null` or no usage at all.
+fn has_usage_object(data: &[u8]) -> bool {
+    static USAGE_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    USAGE_KEY.find_iter(data).any(|at| {
+        let rest = data[at + 7..].trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|v| v.trim_ascii_start().starts_with(b"{"))
+    })
+}
+
+/// Reads one SSE event; JSON is parsed only when the event carries a usage report.
 fn read_event(endpoint: Endpoint, event: Event<'_>, r: &mut Reported) {
-    if memchr::memmem::find(event.data, b"\"usage\"").is_none() {
+    if !has_usage_object(event.data) {
         return;
     }
     match endpoint {
@@ -568,6 +580,18 @@ mod tests {
         assert_eq!(m.usage.output, 2);
         // "user\nhello world\n": the role, the text and two newlines.
         assert!((3..=6).contains(&m.usage.input), "{m:?}");
+    }
+
+    #[test]
+    fn usage_objects_are_told_from_nulls_without_parsing() {
+        assert!(has_usage_object(br#"{"usage":{"a":1}}"#));
+        assert!(has_usage_object(br#"{"usage" : {"a":1}}"#));
+        assert!(has_usage_object(br#"{"x":"usage","usage":{}}"#));
+        assert!(!has_usage_object(br#"{"usage":null}"#));
+        assert!(!has_usage_object(
+            br#"{"usage": null, "text": "\"usage\""}"#
+        ));
+        assert!(!has_usage_object(br#"{"usage""#));
     }
 
     #[test]

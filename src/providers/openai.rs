@@ -84,14 +84,21 @@ pub fn inject_include_usage(body: &[u8], has_stream_options: bool) -> Option<Byt
 /// raw SSE event: the usage-only chunk goes entirely (`None`), and the `"usage":null`
 /// field the option adds to every other chunk is cut out.
 pub fn strip_injected_usage(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    use memchr::memmem::Finder;
     use std::borrow::Cow;
-    let finder = memchr::memmem::Finder::new(br#","usage":null"#);
-    let is_usage_chunk = memchr::memmem::find(event, br#""choices":[]"#).is_some()
-        && memchr::memmem::find(event, br#""usage":{"#).is_some();
-    if is_usage_chunk {
+    use std::sync::LazyLock;
+    // Searchers are built once: building one per event would cost more than the search.
+    static USAGE_NULL: LazyLock<Finder<'static>> =
+        LazyLock::new(|| Finder::new(br#","usage":null"#));
+    static NO_CHOICES: LazyLock<Finder<'static>> =
+        LazyLock::new(|| Finder::new(br#""choices":[]"#));
+    static USAGE_OBJECT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""usage":{"#));
+    let finder = &*USAGE_NULL;
+    let first = finder.find(event);
+    if first.is_none() && NO_CHOICES.find(event).is_some() && USAGE_OBJECT.find(event).is_some() {
         return None;
     }
-    if finder.find(event).is_none() {
+    if first.is_none() {
         return Some(Cow::Borrowed(event));
     }
     let mut out = Vec::with_capacity(event.len());

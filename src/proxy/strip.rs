@@ -38,8 +38,13 @@ impl<B> StripUsage<B> {
 
 /// The end of the first SSE event in `buf` (after its blank line), if it is complete.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    use memchr::memmem::Finder;
+    use std::sync::LazyLock;
+    static LF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+    static CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
+    let lf = LF.find(buf).map(|i| i + 2);
+    // A CRLF boundary only matters if it comes before the first LF one.
+    let crlf = CRLF.find(&buf[..lf.unwrap_or(buf.len())]).map(|i| i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
