@@ -6,12 +6,14 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use crate::ledger::{nanos_to_usd, Scope};
 use crate::proxy::AppState;
 
 pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => {
+            update_budget_gauges(state);
             let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
             response.headers_mut().insert(
                 CONTENT_TYPE,
@@ -35,4 +37,43 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+/// Sets the budget gauges from the ledger, at scrape time (nothing on the request path).
+fn update_budget_gauges(state: &AppState) {
+    let live = state.live.load();
+    let accounts: std::collections::HashMap<_, _> = state.ledger.accounts().into_iter().collect();
+    let metrics = &state.metrics;
+    for limit in live.policies.all_limits() {
+        let account = accounts.get(&limit.key).copied().unwrap_or_default();
+        let (agent, team) = match limit.key.scope {
+            Scope::Agent => (&*limit.key.id, ""),
+            Scope::Team => ("", &*limit.key.id),
+        };
+        let period = limit.key.period.as_str();
+        if let Some(max) = limit.nanos {
+            let labels = [agent, team, period, "usd"];
+            let left = max.saturating_sub(account.spent.nanos);
+            metrics
+                .budget_remaining
+                .with_label_values(&labels)
+                .set(nanos_to_usd(left));
+            metrics
+                .budget_reserved
+                .with_label_values(&labels)
+                .set(nanos_to_usd(account.reserved.nanos));
+        }
+        if let Some(max) = limit.tokens {
+            let labels = [agent, team, period, "tokens"];
+            let left = max.saturating_sub(account.spent.tokens);
+            metrics
+                .budget_remaining
+                .with_label_values(&labels)
+                .set(left as f64);
+            metrics
+                .budget_reserved
+                .with_label_values(&labels)
+                .set(account.reserved.tokens as f64);
+        }
+    }
 }

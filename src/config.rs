@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::ledger::Period;
 use crate::metering::pricing::{self, PriceConfig, PricingFile};
 
 /// Default bound on a request body: images travel as base64, so this is generous.
@@ -32,6 +33,10 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     #[serde(default)]
     pub agents: Vec<AgentConfig>,
+    #[serde(default)]
+    pub teams: Vec<TeamConfig>,
+    #[serde(default)]
+    pub budgets: BudgetsConfig,
     #[serde(default)]
     pub metering: MeteringConfig,
     #[serde(default)]
@@ -215,13 +220,69 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub id: String,
     pub team: Option<String>,
     /// Lower-case hex SHA-256 of the agent's virtual key (`tokenwarden keys new`).
     pub key_sha256: String,
+    /// Models the agent may use (`*` matches any run of characters); others get 403.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Output tokens one request may ask for; more is clamped to this.
+    #[serde(default)]
+    pub max_tokens_cap: Option<u64>,
+    #[serde(default)]
+    pub budgets: Vec<BudgetConfig>,
+}
+
+/// A budget over a period, in dollars, tokens, or both.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    pub period: Period,
+    pub usd: Option<f64>,
+    pub tokens: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamConfig {
+    pub id: String,
+    #[serde(default)]
+    pub budgets: Vec<BudgetConfig>,
+}
+
+/// What to do with a request that sets no output limit when a budget applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingMaxTokens {
+    /// Set it to what the budget still affords (and to `max_tokens_cap`).
+    Clamp,
+    /// Reserve `default_reserve_output_tokens` and leave the request as it is.
+    ReserveDefault,
+    /// Refuse the request (400).
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetsConfig {
+    /// Calendar periods start at midnight in this IANA time zone.
+    pub timezone: String,
+    pub on_missing_max_tokens: MissingMaxTokens,
+    pub default_reserve_output_tokens: u64,
+}
+
+impl Default for BudgetsConfig {
+    fn default() -> Self {
+        BudgetsConfig {
+            timezone: "UTC".into(),
+            on_missing_max_tokens: MissingMaxTokens::Clamp,
+            default_reserve_output_tokens: 4096,
+        }
+    }
 }
 
 // === loading ===
@@ -383,12 +444,56 @@ impl Config {
             }
         }
 
+        for (i, a) in self.agents.iter().enumerate() {
+            validate_budgets(&a.budgets, &format!("agents[{i}].budgets"), &mut problems);
+            if a.max_tokens_cap == Some(0) {
+                problems.push(format!(
+                    "agents[{i}].max_tokens_cap: must be greater than 0"
+                ));
+            }
+            if let Some(team) = &a.team {
+                if !self.teams.is_empty() && !self.teams.iter().any(|t| &t.id == team) {
+                    problems.push(format!(
+                        "agents[{i}].team: no [[teams]] entry with id {team:?}"
+                    ));
+                }
+            }
+        }
+        for (i, t) in self.teams.iter().enumerate() {
+            if t.id.is_empty() {
+                problems.push(format!("teams[{i}].id: must not be empty"));
+            }
+            if self.teams[..i].iter().any(|u| u.id == t.id) {
+                problems.push(format!("teams[{i}].id: duplicate team id {:?}", t.id));
+            }
+            validate_budgets(&t.budgets, &format!("teams[{i}].budgets"), &mut problems);
+        }
+        if jiff::tz::TimeZone::get(&self.budgets.timezone).is_err() {
+            problems.push(format!(
+                "budgets.timezone: unknown time zone {:?} (use an IANA name like \"Europe/Berlin\")",
+                self.budgets.timezone
+            ));
+        }
         pricing::validate(&self.pricing, "pricing", &mut problems);
 
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigErrors { problems })
+        }
+    }
+}
+
+fn validate_budgets(budgets: &[BudgetConfig], at: &str, problems: &mut Vec<String>) {
+    for (j, b) in budgets.iter().enumerate() {
+        if b.usd.is_none() && b.tokens.is_none() {
+            problems.push(format!("{at}[{j}]: give usd, tokens or both"));
+        }
+        if b.usd.is_some_and(|u| !u.is_finite() || u < 0.0) {
+            problems.push(format!("{at}[{j}].usd: must be an amount >= 0"));
+        }
+        if budgets[..j].iter().any(|c| c.period == b.period) {
+            problems.push(format!("{at}[{j}].period: two budgets for the same period"));
         }
     }
 }

@@ -104,11 +104,13 @@ mod tests {
                 id: "a".into(),
                 team: None,
                 key_sha256: key_digest_hex("key-a"),
+                ..AgentConfig::default()
             },
             AgentConfig {
                 id: "b".into(),
                 team: Some("t".into()),
                 key_sha256: key_digest_hex("key-b"),
+                ..AgentConfig::default()
             },
         ])
     }

@@ -25,6 +25,7 @@ pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod identity;
+pub mod ledger;
 pub mod metering;
 pub mod metrics;
 pub mod mock;

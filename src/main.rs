@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokenwarden::audit::{self, AuditLog, AuditSettings};
 use tokenwarden::config::Config;
+use tokenwarden::ledger::{Ledger, SystemClock};
 use tokenwarden::proxy::{AppState, Live};
 use tokenwarden::secret::Secret;
 use tokenwarden::server::{self, Listeners};
@@ -247,7 +248,13 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
         listeners.proxy.local_addr()?,
         listeners.admin.local_addr()?
     ));
-    let state = Arc::new(AppState::new(live, metrics, audit));
+    let tz = jiff::tz::TimeZone::get(&live.config.budgets.timezone)?;
+    let ledger = Ledger::new(tz, Arc::new(SystemClock));
+    let replayed = live
+        .policies
+        .replay_audit(&ledger, &live.config.storage.dir.join("audit"))?;
+    tracing::info!(replayed, "budgets rebuilt from the audit log");
+    let state = Arc::new(AppState::new(live, metrics, audit, ledger));
     server::run(state.clone(), listeners, shutdown_signal()).await?;
     Ok(state)
 }

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// Distinct model label values before the rest become `other`.
@@ -26,6 +26,9 @@ pub struct Metrics {
     pub active_streams: IntGauge,
     pub sse_events_dropped: IntCounter,
     pub audit_records: IntCounter,
+    pub rejections: IntCounterVec,
+    pub budget_remaining: GaugeVec,
+    pub budget_reserved: GaugeVec,
     pub audit_write_errors: IntCounter,
     models: Mutex<HashSet<String>>,
 }
@@ -98,6 +101,30 @@ impl Metrics {
             "tokenwarden_audit_write_errors_total",
             "Failed writes of the audit log (each retried)",
         )?;
+        let rejections = IntCounterVec::new(
+            Opts::new(
+                "tokenwarden_rejections_total",
+                "Requests the proxy refused, by reason",
+            ),
+            &["agent", "reason"],
+        )?;
+        let budget_remaining = GaugeVec::new(
+            Opts::new(
+                "tokenwarden_budget_remaining",
+                "What a budget has left in its current period (settled spend)",
+            ),
+            &["agent", "team", "period", "unit"],
+        )?;
+        let budget_reserved = GaugeVec::new(
+            Opts::new(
+                "tokenwarden_budget_reserved",
+                "What requests in flight hold of a budget",
+            ),
+            &["agent", "team", "period", "unit"],
+        )?;
+        registry.register(Box::new(rejections.clone()))?;
+        registry.register(Box::new(budget_remaining.clone()))?;
+        registry.register(Box::new(budget_reserved.clone()))?;
         registry.register(Box::new(audit_records.clone()))?;
         registry.register(Box::new(audit_write_errors.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -122,6 +149,9 @@ impl Metrics {
             sse_events_dropped,
             audit_records,
             audit_write_errors,
+            rejections,
+            budget_remaining,
+            budget_reserved,
             models: Mutex::new(HashSet::new()),
         })
     }

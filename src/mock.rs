@@ -70,6 +70,9 @@ pub struct SeenRequest {
     pub headers: Vec<(String, String)>,
     pub body_len: usize,
     pub body_sha256: String,
+    /// The output limit the request set (`max_tokens`, `max_completion_tokens` or
+    /// `max_output_tokens`); the mock never writes more pieces than this.
+    pub output_limit: Option<u64>,
     /// `complete`, `client_gone`, `fault`, or `pending` while a stream runs.
     pub outcome: String,
     pub chunks_sent: usize,
@@ -132,6 +135,7 @@ impl Mock {
                 .collect(),
             body_len: body.len(),
             body_sha256: hex::encode(Sha256::digest(body)),
+            output_limit: output_limit(body),
             outcome: "pending".into(),
             chunks_sent: 0,
         };
@@ -214,6 +218,12 @@ impl Mock {
         }
 
         let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let mut script = script;
+        if let Some(limit) = output_limit(&body) {
+            script.chunks = script
+                .chunks
+                .min(usize::try_from(limit).unwrap_or(usize::MAX));
+        }
         let prompt_tokens = (body.len() as u64 / 4).max(1);
         let ctx = Ctx {
             model: request["model"].as_str().unwrap_or("mock-model").to_owned(),
@@ -314,6 +324,14 @@ impl Mock {
         });
         sse_response(rx)
     }
+}
+
+/// The output limit a request body sets, in any of the wire formats.
+fn output_limit(body: &[u8]) -> Option<u64> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| v[*k].as_u64())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -135,7 +135,7 @@ pub fn validate(table: &BTreeMap<String, PriceConfig>, at: &str, problems: &mut 
 }
 
 /// `*` matches any run of characters; everything else matches itself.
-fn glob_match(pattern: &str, text: &str) -> bool {
+pub fn glob_match(pattern: &str, text: &str) -> bool {
     let mut parts = pattern.split('*');
     let Some(first) = parts.next() else {
         return false;

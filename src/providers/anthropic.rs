@@ -15,6 +15,8 @@ pub fn error_body(class: ErrorClass, message: &str) -> Bytes {
         ErrorClass::Unavailable => "overloaded_error",
         ErrorClass::UpstreamUnreachable => "api_error",
         ErrorClass::UpstreamTimeout => "timeout_error",
+        ErrorClass::BudgetExhausted => "billing_error",
+        ErrorClass::PermissionDenied => "permission_error",
     };
     let body = json!({ "type": "error", "error": { "type": kind, "message": message } });
     Bytes::from(body.to_string())

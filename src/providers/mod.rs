@@ -31,6 +31,10 @@ pub enum ErrorClass {
     Unavailable,
     UpstreamUnreachable,
     UpstreamTimeout,
+    /// A budget is spent (402; SDKs must not retry).
+    BudgetExhausted,
+    /// Policy forbids it: a model not on the allow-list (403).
+    PermissionDenied,
 }
 
 impl ErrorClass {
@@ -43,6 +47,8 @@ impl ErrorClass {
             ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorClass::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ErrorClass::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorClass::BudgetExhausted => StatusCode::PAYMENT_REQUIRED,
+            ErrorClass::PermissionDenied => StatusCode::FORBIDDEN,
         }
     }
 }
@@ -64,6 +70,73 @@ impl From<ProviderKindConfig> for ProviderKind {
             ProviderKindConfig::Anthropic => ProviderKind::Anthropic,
         }
     }
+}
+
+/// The few request fields the proxy reads, in either wire format, without building the
+/// whole document.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct RequestFields<'a> {
+    #[serde(borrow, default)]
+    pub model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<openai::StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
+}
+
+impl RequestFields<'_> {
+    /// A streamed request that did not ask for usage: the proxy should ask for it.
+    pub fn wants_usage_injected(&self) -> bool {
+        self.stream == Some(true)
+            && self.stream_options.as_ref().and_then(|o| o.include_usage) != Some(true)
+    }
+
+    /// The output limit the request sets for `endpoint`, and the field that carries it
+    /// (the field to write when the request sets none).
+    pub fn output_limit(&self, endpoint: Endpoint) -> (Option<u64>, &'static str) {
+        match endpoint {
+            Endpoint::ChatCompletions => match (self.max_completion_tokens, self.max_tokens) {
+                (Some(n), _) => (Some(n), "max_completion_tokens"),
+                (None, Some(n)) => (Some(n), "max_tokens"),
+                (None, None) => (None, "max_completion_tokens"),
+            },
+            // The legacy API's own default when the field is absent.
+            Endpoint::Completions => (Some(self.max_tokens.unwrap_or(16)), "max_tokens"),
+            Endpoint::Responses => (self.max_output_tokens, "max_output_tokens"),
+            Endpoint::Messages => (self.max_tokens, "max_tokens"),
+            Endpoint::Embeddings | Endpoint::Other => (Some(0), "max_tokens"),
+        }
+    }
+}
+
+/// The body with top-level `field` set to `value`. An absent field is spliced in before
+/// the closing brace, leaving every other byte as sent; a present one means rewriting
+/// the document. `None` if the body is not a JSON object.
+pub fn set_json_field(body: &[u8], field: &str, value: serde_json::Value) -> Option<Bytes> {
+    let mut value_map: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let object = value_map.as_object_mut()?;
+    if object.contains_key(field) {
+        object.insert(field.to_owned(), value);
+        return serde_json::to_vec(&value_map).ok().map(Bytes::from);
+    }
+    let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    let empty = object.is_empty();
+    let mut out = Vec::with_capacity(body.len() + field.len() + 32);
+    out.extend_from_slice(&body[..end]);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(serde_json::to_string(field).ok()?.as_bytes());
+    out.push(b':');
+    out.extend_from_slice(value.to_string().as_bytes());
+    out.extend_from_slice(&body[end..]);
+    Some(Bytes::from(out))
 }
 
 /// A configured upstream, ready to build request URIs and credentials.
@@ -328,6 +401,55 @@ mod tests {
         let (name, _) = p.credential().unwrap().unwrap();
         assert_eq!(name.as_str(), "x-api-key");
         assert!(!format!("{p:?}").contains("sk-real"));
+    }
+
+    #[test]
+    fn fields_are_set_in_place_or_spliced_in() {
+        let out = set_json_field(b"{\"a\": 1 }", "max_tokens", serde_json::json!(5)).unwrap();
+        assert_eq!(&out[..], b"{\"a\": 1 ,\"max_tokens\":5}");
+        let out = set_json_field(
+            b"{\"max_tokens\":900,\"a\":1}",
+            "max_tokens",
+            serde_json::json!(5),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["max_tokens"].as_u64(), v["a"].as_u64()),
+            (Some(5), Some(1))
+        );
+        assert_eq!(
+            &set_json_field(b"{}", "n", serde_json::json!(1)).unwrap()[..],
+            b"{\"n\":1}"
+        );
+        assert!(set_json_field(b"[]", "n", serde_json::json!(1)).is_none());
+    }
+
+    #[test]
+    fn output_limits_by_endpoint() {
+        let f: RequestFields<'_> = serde_json::from_str(r#"{"max_tokens":50}"#).unwrap();
+        assert_eq!(
+            f.output_limit(Endpoint::ChatCompletions),
+            (Some(50), "max_tokens")
+        );
+        assert_eq!(f.output_limit(Endpoint::Messages), (Some(50), "max_tokens"));
+        assert_eq!(
+            f.output_limit(Endpoint::Responses),
+            (None, "max_output_tokens")
+        );
+        let none = RequestFields::default();
+        assert_eq!(
+            none.output_limit(Endpoint::ChatCompletions),
+            (None, "max_completion_tokens")
+        );
+        assert_eq!(
+            none.output_limit(Endpoint::Completions),
+            (Some(16), "max_tokens")
+        );
+        assert_eq!(
+            none.output_limit(Endpoint::Embeddings),
+            (Some(0), "max_tokens")
+        );
     }
 
     #[test]

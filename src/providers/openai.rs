@@ -15,6 +15,8 @@ pub fn error_body(class: ErrorClass, message: &str) -> Bytes {
         ErrorClass::Unavailable => ("server_error", "service_unavailable"),
         ErrorClass::UpstreamUnreachable => ("server_error", "upstream_unreachable"),
         ErrorClass::UpstreamTimeout => ("server_error", "upstream_timeout"),
+        ErrorClass::BudgetExhausted => ("insufficient_quota", "budget_exceeded"),
+        ErrorClass::PermissionDenied => ("invalid_request_error", "model_not_allowed"),
     };
     let body = json!({
         "error": { "message": message, "type": kind, "param": null, "code": code }
@@ -22,29 +24,10 @@ pub fn error_body(class: ErrorClass, message: &str) -> Bytes {
     Bytes::from(body.to_string())
 }
 
-/// The few request fields the proxy reads, without building the whole document.
-#[derive(Debug, Default, serde::Deserialize)]
-pub struct RequestFields<'a> {
-    #[serde(borrow, default)]
-    pub model: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    pub stream: Option<bool>,
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
-}
-
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
-}
-
-impl RequestFields<'_> {
-    /// A streamed request that did not ask for usage: the proxy should ask for it.
-    pub fn wants_usage_injected(&self) -> bool {
-        self.stream == Some(true)
-            && self.stream_options.as_ref().and_then(|o| o.include_usage) != Some(true)
-    }
 }
 
 /// The body with `stream_options.include_usage = true`. Without `stream_options` the
@@ -144,7 +127,7 @@ mod tests {
     #[test]
     fn which_requests_get_the_option() {
         let f = |b: &str| {
-            serde_json::from_str::<RequestFields<'_>>(b)
+            serde_json::from_str::<crate::providers::RequestFields<'_>>(b)
                 .unwrap()
                 .wants_usage_injected()
         };

@@ -35,6 +35,12 @@ pub enum ProxyError {
     BadUpstreamRequest,
     #[error("the audit log cannot be written ({0}); requests are refused until it can")]
     AuditUnavailable(String),
+    #[error("{0}")]
+    BudgetExhausted(Box<crate::ledger::Exhausted>),
+    #[error("model {0:?} is not allowed for this agent")]
+    ModelNotAllowed(String),
+    #[error("set {0}: a budget applies and this proxy refuses requests without an output limit")]
+    OutputLimitRequired(&'static str),
 }
 
 impl ProxyError {
@@ -53,6 +59,9 @@ impl ProxyError {
                 ErrorClass::UpstreamUnreachable
             }
             ProxyError::FirstByteTimeout { .. } => ErrorClass::UpstreamTimeout,
+            ProxyError::BudgetExhausted(_) => ErrorClass::BudgetExhausted,
+            ProxyError::ModelNotAllowed(_) => ErrorClass::PermissionDenied,
+            ProxyError::OutputLimitRequired(_) => ErrorClass::InvalidRequest,
         }
     }
 
@@ -81,6 +90,9 @@ impl ProxyError {
             ProxyError::FirstByteTimeout { .. } => "upstream_timeout",
             ProxyError::BadUpstreamRequest => "bad_upstream_request",
             ProxyError::AuditUnavailable(_) => "audit_unavailable",
+            ProxyError::BudgetExhausted(_) => "budget_exhausted",
+            ProxyError::ModelNotAllowed(_) => "model_not_allowed",
+            ProxyError::OutputLimitRequired(_) => "output_limit_required",
         }
     }
 }
@@ -98,5 +110,12 @@ pub fn error_response<B>(
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(REQUEST_ID_HEADER, request_id.clone());
+    if matches!(
+        class,
+        ErrorClass::BudgetExhausted | ErrorClass::PermissionDenied
+    ) {
+        // Retrying cannot help until a budget resets or an admin acts.
+        headers.insert("x-should-retry", HeaderValue::from_static("false"));
+    }
     response
 }

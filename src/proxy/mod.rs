@@ -1,6 +1,7 @@
 //! The forwarding service: route, identify, read the body within its bound, swap the
 //! key, send through the pooled client, and tap the response on its way back.
 
+pub mod admit;
 pub mod error;
 pub mod headers;
 pub mod settle;
@@ -27,11 +28,13 @@ use tokio::time::Instant;
 use crate::audit::AuditLog;
 use crate::config::{Config, UpstreamConfig};
 use crate::identity::{Agent, Identities};
+use crate::ledger::Ledger;
 use crate::metering::decode::Decoder;
 use crate::metering::{Endpoint, Pricing, UsageObserver};
 use crate::metrics::Metrics;
-use crate::providers::openai::{self, RequestFields};
+use crate::providers::{openai, RequestFields};
 use crate::providers::{Provider, ProviderError, ProviderKind, Router};
+use admit::Policies;
 use error::{error_response, ProxyError, REQUEST_ID_HEADER};
 use settle::Settlement;
 use strip::StripUsage;
@@ -53,6 +56,7 @@ pub struct Live {
     pub router: Router,
     pub identities: Identities,
     pub pricing: Pricing,
+    pub policies: Policies,
 }
 
 impl Live {
@@ -69,6 +73,7 @@ impl Live {
             router: Router::new(providers),
             identities: Identities::from_config(&config.agents),
             pricing: Pricing::new([&config.base_pricing, &config.pricing]),
+            policies: Policies::from_config(&config),
             config,
         })
     }
@@ -80,18 +85,26 @@ pub struct AppState {
     pub client: UpstreamClient,
     pub metrics: Arc<Metrics>,
     pub audit: Arc<AuditLog>,
+    /// Budgets outlive config reloads.
+    pub ledger: Arc<Ledger>,
     /// Set when shutdown begins; `/readyz` then answers 503.
     pub draining: AtomicBool,
 }
 
 impl AppState {
-    pub fn new(live: Live, metrics: Arc<Metrics>, audit: Arc<AuditLog>) -> AppState {
+    pub fn new(
+        live: Live,
+        metrics: Arc<Metrics>,
+        audit: Arc<AuditLog>,
+        ledger: Arc<Ledger>,
+    ) -> AppState {
         let client = build_client(&live.config.upstream);
         AppState {
             live: ArcSwap::from_pointee(live),
             client,
             metrics,
             audit,
+            ledger,
             draining: AtomicBool::new(false),
         }
     }
@@ -244,27 +257,50 @@ async fn forward(
         .and_then(|b| serde_json::from_slice::<RequestFields<'_>>(b).ok())
         .unwrap_or_default();
     let model = fields.model.as_deref().unwrap_or_default().to_owned();
-    // The one change made to a request: ask for the usage report the client did not.
-    let mut body = body;
+    let reject = |error: ProxyError| Rejected {
+        model: Some(model.clone()),
+        ..reject(error)
+    };
+    let price = live.pricing.price(&model).copied();
+    let original = json.clone().unwrap_or_default();
+    let policy = live.policies.get(&agent.id).cloned().unwrap_or_default();
+    let admitted = admit::admit(
+        &state.ledger,
+        &policy,
+        &live.config,
+        admit::Request {
+            model: &model,
+            endpoint,
+            fields: &fields,
+            body: &original,
+            price,
+        },
+    )
+    .map_err(&reject)?;
+
+    // The only changes made to a body: the output limit admission clamped, and asking
+    // for the usage report the client did not.
+    let mut upstream_json = admitted.body.clone();
     let inject = provider.inject_usage
         && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
         && fields.wants_usage_injected();
-    let injected = match (&json, inject) {
-        (Some(original), true) => {
-            openai::inject_include_usage(original, fields.stream_options.is_some())
+    let mut injected = false;
+    if inject && json.is_some() {
+        let current = upstream_json.as_ref().unwrap_or(&original);
+        if let Some(with_usage) =
+            openai::inject_include_usage(current, fields.stream_options.is_some())
+        {
+            upstream_json = Some(with_usage);
+            injected = true;
         }
-        _ => None,
-    };
-    if let Some(new_body) = injected.as_ref() {
+    }
+    let mut body = body;
+    if let Some(new_body) = &upstream_json {
         parts
             .headers
             .insert(CONTENT_LENGTH, HeaderValue::from(new_body.len()));
         body = Either::Left(Full::new(new_body.clone()));
     }
-    let reject = |error: ProxyError| Rejected {
-        model: Some(model.clone()),
-        ..reject(error)
-    };
 
     headers::to_upstream(&mut parts.headers, credential);
     parts.uri = uri;
@@ -302,7 +338,8 @@ async fn forward(
         .headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let strip = injected.is_some() && sse && parts.status.is_success();
+    let strip = injected && sse && parts.status.is_success();
+    insert_remaining(&mut parts.headers, admitted.remaining);
     if strip {
         parts.headers.remove(CONTENT_LENGTH);
     }
@@ -311,7 +348,8 @@ async fn forward(
         audit: state.audit.clone(),
         include_bodies: live.config.audit.include_bodies,
         request_id: meta.request_id.clone(),
-        price: live.pricing.price(&model).copied(),
+        price,
+        reservation: admitted.reservation,
         agent,
         provider: provider.name.clone(),
         endpoint,
@@ -347,6 +385,23 @@ async fn forward(
         .proxy_overhead
         .observe((before_upstream + headers_at.elapsed()).as_secs_f64());
     Ok(response)
+}
+
+/// `x-tokenwarden-budget-remaining-usd` and `-tokens`: what the tightest budget of each
+/// unit had left when the request was admitted.
+fn insert_remaining(headers: &mut HeaderMap, (nanos, tokens): (Option<u64>, Option<u64>)) {
+    if let Some(nanos) = nanos {
+        let usd = format!("{:.6}", crate::ledger::nanos_to_usd(nanos));
+        if let Ok(v) = HeaderValue::from_str(&usd) {
+            headers.insert("x-tokenwarden-budget-remaining-usd", v);
+        }
+    }
+    if let Some(tokens) = tokens {
+        headers.insert(
+            "x-tokenwarden-budget-remaining-tokens",
+            HeaderValue::from(tokens),
+        );
+    }
 }
 
 /// Reads a JSON body whole (the proxy may need its fields), and streams any other body.

@@ -17,6 +17,7 @@ use super::tap::{Observer, StreamEnd};
 use super::{AppState, Rejected, RequestMeta};
 use crate::audit::{now_rfc3339, AuditLog, Record};
 use crate::identity::Agent;
+use crate::ledger::{usd_to_nanos, Amount, Reservation};
 use crate::metering::decode::Decoder;
 use crate::metering::{Endpoint, Metered, Price, UsageObserver};
 use crate::metrics::Metrics;
@@ -32,6 +33,8 @@ pub struct Settlement {
     pub endpoint: Endpoint,
     pub model: String,
     pub price: Option<Price>,
+    /// Budget held for this request; settled to the real spend at the end.
+    pub reservation: Option<Reservation>,
     pub method: http::Method,
     pub path: String,
     pub status: u16,
@@ -91,6 +94,7 @@ impl Settlement {
             endpoint,
             model,
             price,
+            reservation,
             method,
             path,
             status,
@@ -104,6 +108,12 @@ impl Settlement {
         let response_body = include_bodies.then(|| observer.held_text());
         let Metered { usage, estimated } = observer.finish(&model, &request);
         let cost = price.map_or(0.0, |p| p.cost_usd(&usage));
+        if let Some(reservation) = reservation {
+            reservation.settle(Amount {
+                tokens: usage.total(),
+                nanos: usd_to_nanos(cost),
+            });
+        }
         let outcome = outcome(end, status);
 
         let model_label = metrics.model_label(if model.is_empty() { "none" } else { &model });
@@ -215,6 +225,11 @@ pub fn reject(state: &AppState, meta: &RequestMeta, rejected: Rejected) {
         .metrics
         .model_label(model.as_deref().filter(|m| !m.is_empty()).unwrap_or("none"));
     let agent_label = agent.as_ref().map_or("unknown", |a| a.id.as_str());
+    state
+        .metrics
+        .rejections
+        .with_label_values(&[agent_label, error.reason()])
+        .inc();
     state
         .metrics
         .requests

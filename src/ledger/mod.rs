@@ -1,0 +1,562 @@
+//! Budgets that never overshoot: reserve the worst case before a request goes out,
+//! settle the real cost when it ends.
+//!
+//! Every budget that covers a request (the agent's and its team's, each period) is
+//! checked and reserved in one step under one lock, so concurrent requests cannot
+//! together pass a limit. A [`Reservation`] is released when it is settled or dropped,
+//! so no way a request ends can leak one. Money is kept in integer nano-dollars.
+
+pub mod period;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
+
+pub use period::Period;
+
+/// Nano-dollars per dollar: money is counted in integers.
+pub const NANOS_PER_USD: f64 = 1e9;
+
+pub fn usd_to_nanos(usd: f64) -> u64 {
+    if usd.is_finite() && usd > 0.0 {
+        (usd * NANOS_PER_USD).round() as u64
+    } else {
+        0
+    }
+}
+
+pub fn nanos_to_usd(nanos: u64) -> f64 {
+    nanos as f64 / NANOS_PER_USD
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    Agent,
+    Team,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Agent => "agent",
+            Scope::Team => "team",
+        }
+    }
+}
+
+/// One budget: whose, over which period.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BudgetKey {
+    pub scope: Scope,
+    pub id: Arc<str>,
+    pub period: Period,
+}
+
+impl std::fmt::Display for BudgetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {} budget",
+            self.scope.as_str(),
+            self.id,
+            self.period.as_str()
+        )
+    }
+}
+
+/// A budget's limits; either or both units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    pub key: BudgetKey,
+    pub nanos: Option<u64>,
+    pub tokens: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Usd,
+    Tokens,
+}
+
+impl Unit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Usd => "usd",
+            Unit::Tokens => "tokens",
+        }
+    }
+}
+
+/// An amount of spend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amount {
+    pub tokens: u64,
+    pub nanos: u64,
+}
+
+/// Why a reservation was refused: the first budget it did not fit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exhausted {
+    pub key: BudgetKey,
+    pub unit: Unit,
+    /// What the request needed at worst, and what was left (after other reservations).
+    pub needed: u64,
+    pub available: u64,
+    /// Unix seconds when the budget's period starts anew; `None` for `total`.
+    pub resets_at: Option<i64>,
+}
+
+impl std::fmt::Display for Exhausted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |n: u64| match self.unit {
+            Unit::Usd => format!("${:.6}", nanos_to_usd(n)),
+            Unit::Tokens => format!("{n} tokens"),
+        };
+        write!(
+            f,
+            "{} exhausted: this request may cost up to {}, {} is available",
+            self.key,
+            show(self.needed),
+            show(self.available)
+        )?;
+        match self.resets_at.and_then(|s| Timestamp::from_second(s).ok()) {
+            Some(at) => write!(f, "; it resets at {at}"),
+            None => write!(f, "; it does not reset"),
+        }
+    }
+}
+
+/// The state of one budget in its current window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Account {
+    /// Start of the window the spend belongs to (Unix seconds).
+    pub window: i64,
+    pub spent: Amount,
+    pub reserved: Amount,
+}
+
+/// What time it is; injectable so that period rollover can be tested.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+pub struct Ledger {
+    accounts: Mutex<HashMap<BudgetKey, Account>>,
+    clock: Arc<dyn Clock>,
+    tz: TimeZone,
+}
+
+impl Ledger {
+    pub fn new(tz: TimeZone, clock: Arc<dyn Clock>) -> Arc<Ledger> {
+        Arc::new(Ledger {
+            accounts: Mutex::new(HashMap::new()),
+            clock,
+            tz,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BudgetKey, Account>> {
+        // Every update below leaves the map consistent before it can panic.
+        self.accounts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The account of `key` in the window containing `now`, rolled over if its window
+    /// has passed (spend starts at zero; reservations in flight stay).
+    fn account<'a>(
+        accounts: &'a mut HashMap<BudgetKey, Account>,
+        key: &BudgetKey,
+        window: i64,
+    ) -> &'a mut Account {
+        let account = accounts.entry(key.clone()).or_default();
+        if account.window != window {
+            account.window = window;
+            account.spent = Amount::default();
+        }
+        account
+    }
+
+    /// Reserves `worst` against every limit, or none of them.
+    pub fn reserve(
+        self: &Arc<Self>,
+        limits: &[Limit],
+        worst: Amount,
+    ) -> Result<Reservation, Exhausted> {
+        let now = self.clock.now();
+        let mut accounts = self.lock();
+        for limit in limits {
+            let (window, resets_at) = limit.key.period.window(now, &self.tz);
+            let account = Self::account(&mut accounts, &limit.key, window);
+            let checks = [
+                (
+                    Unit::Usd,
+                    limit.nanos,
+                    account.spent.nanos + account.reserved.nanos,
+                    worst.nanos,
+                ),
+                (
+                    Unit::Tokens,
+                    limit.tokens,
+                    account.spent.tokens + account.reserved.tokens,
+                    worst.tokens,
+                ),
+            ];
+            for (unit, max, used, needed) in checks {
+                let Some(max) = max else { continue };
+                let available = max.saturating_sub(used);
+                if needed > available {
+                    return Err(Exhausted {
+                        key: limit.key.clone(),
+                        unit,
+                        needed,
+                        available,
+                        resets_at,
+                    });
+                }
+            }
+        }
+        for limit in limits {
+            if let Some(account) = accounts.get_mut(&limit.key) {
+                account.reserved.tokens += worst.tokens;
+                account.reserved.nanos += worst.nanos;
+            }
+        }
+        Ok(Reservation {
+            ledger: self.clone(),
+            keys: limits.iter().map(|l| l.key.clone()).collect(),
+            worst,
+            done: false,
+        })
+    }
+
+    /// The most output tokens every limit still affords after `input` and other
+    /// reservations, at `nanos_per_output_token`; `None` if no limit bounds it.
+    pub fn affordable_output(
+        &self,
+        limits: &[Limit],
+        input: Amount,
+        nanos_per_output_token: f64,
+    ) -> Option<u64> {
+        let now = self.clock.now();
+        let mut accounts = self.lock();
+        let mut least: Option<u64> = None;
+        let mut bound = |n: u64| least = Some(least.map_or(n, |l| l.min(n)));
+        for limit in limits {
+            let (window, _) = limit.key.period.window(now, &self.tz);
+            let account = Self::account(&mut accounts, &limit.key, window);
+            if let Some(max) = limit.tokens {
+                let used = account.spent.tokens + account.reserved.tokens + input.tokens;
+                bound(max.saturating_sub(used));
+            }
+            if let Some(max) = limit.nanos {
+                let used = account.spent.nanos + account.reserved.nanos + input.nanos;
+                let left = max.saturating_sub(used) as f64;
+                if nanos_per_output_token > 0.0 {
+                    bound((left / nanos_per_output_token).floor() as u64);
+                }
+            }
+        }
+        least
+    }
+
+    /// What is left of each unit, for the tightest budget of that unit, counting only
+    /// settled spend. `None` for a unit no limit bounds.
+    pub fn remaining(&self, limits: &[Limit]) -> (Option<u64>, Option<u64>) {
+        let now = self.clock.now();
+        let mut accounts = self.lock();
+        let (mut nanos, mut tokens): (Option<u64>, Option<u64>) = (None, None);
+        for limit in limits {
+            let (window, _) = limit.key.period.window(now, &self.tz);
+            let account = Self::account(&mut accounts, &limit.key, window);
+            if let Some(max) = limit.nanos {
+                let left = max.saturating_sub(account.spent.nanos);
+                nanos = Some(nanos.map_or(left, |n| n.min(left)));
+            }
+            if let Some(max) = limit.tokens {
+                let left = max.saturating_sub(account.spent.tokens);
+                tokens = Some(tokens.map_or(left, |t| t.min(left)));
+            }
+        }
+        (nanos, tokens)
+    }
+
+    /// Adds settled spend that happened at `at` (replaying the audit log at start): it
+    /// counts only toward windows that contain `at` and are still current.
+    pub fn replay(&self, keys: &[BudgetKey], spend: Amount, at: Timestamp) {
+        let now = self.clock.now();
+        let mut accounts = self.lock();
+        for key in keys {
+            let (window, _) = key.period.window(now, &self.tz);
+            if key.period.window(at, &self.tz).0 != window {
+                continue;
+            }
+            let account = Self::account(&mut accounts, key, window);
+            account.spent.tokens += spend.tokens;
+            account.spent.nanos += spend.nanos;
+        }
+    }
+
+    /// Every account in its current window, for metrics and the admin API.
+    pub fn accounts(&self) -> Vec<(BudgetKey, Account)> {
+        let now = self.clock.now();
+        let mut accounts = self.lock();
+        let keys: Vec<BudgetKey> = accounts.keys().cloned().collect();
+        let mut out: Vec<(BudgetKey, Account)> = keys
+            .into_iter()
+            .map(|key| {
+                let (window, _) = key.period.window(now, &self.tz);
+                let account = *Self::account(&mut accounts, &key, window);
+                (key, account)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn finish(&self, keys: &[BudgetKey], worst: Amount, actual: Amount) {
+        let now = self.clock.now();
+        let mut accounts = self.lock();
+        for key in keys {
+            let (window, _) = key.period.window(now, &self.tz);
+            let account = Self::account(&mut accounts, key, window);
+            account.reserved.tokens = account.reserved.tokens.saturating_sub(worst.tokens);
+            account.reserved.nanos = account.reserved.nanos.saturating_sub(worst.nanos);
+            account.spent.tokens += actual.tokens;
+            account.spent.nanos += actual.nanos;
+        }
+    }
+}
+
+/// Budget held for one request in flight. Settling swaps it for the real spend;
+/// dropping it unsettled releases it.
+pub struct Reservation {
+    ledger: Arc<Ledger>,
+    keys: Vec<BudgetKey>,
+    worst: Amount,
+    done: bool,
+}
+
+impl Reservation {
+    pub fn worst(&self) -> Amount {
+        self.worst
+    }
+
+    /// Replaces the reservation by the real spend.
+    pub fn settle(mut self, actual: Amount) {
+        self.done = true;
+        self.ledger.finish(&self.keys, self.worst, actual);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.done {
+            self.ledger
+                .finish(&self.keys, self.worst, Amount::default());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    struct FakeClock(AtomicI64);
+
+    impl Clock for FakeClock {
+        fn now(&self) -> Timestamp {
+            Timestamp::from_second(self.0.load(Ordering::SeqCst)).unwrap()
+        }
+    }
+
+    fn key(scope: Scope, id: &str, period: Period) -> BudgetKey {
+        BudgetKey {
+            scope,
+            id: id.into(),
+            period,
+        }
+    }
+
+    fn ledger(at: &str) -> (Arc<Ledger>, Arc<FakeClock>) {
+        let t: Timestamp = at.parse().unwrap();
+        let clock = Arc::new(FakeClock(AtomicI64::new(t.as_second())));
+        (Ledger::new(TimeZone::UTC, clock.clone()), clock)
+    }
+
+    fn tokens(n: u64) -> Amount {
+        Amount {
+            tokens: n,
+            nanos: 0,
+        }
+    }
+
+    #[test]
+    fn reservations_never_pass_a_limit_and_settle_to_the_real_spend() {
+        let (l, _) = ledger("2026-11-29T10:00:00Z");
+        let limits = [Limit {
+            key: key(Scope::Agent, "a", Period::Day),
+            nanos: None,
+            tokens: Some(100),
+        }];
+        let r1 = l.reserve(&limits, tokens(60)).unwrap();
+        let err = l.reserve(&limits, tokens(60)).err().unwrap();
+        assert_eq!(
+            (err.unit, err.needed, err.available),
+            (Unit::Tokens, 60, 40)
+        );
+        r1.settle(tokens(10));
+        let r2 = l.reserve(&limits, tokens(60)).unwrap();
+        drop(r2); // released unsettled: costs nothing
+        assert_eq!(l.remaining(&limits), (None, Some(90)));
+        let acc = l.accounts();
+        assert_eq!(acc[0].1.reserved, Amount::default());
+        assert_eq!(acc[0].1.spent, tokens(10));
+    }
+
+    #[test]
+    fn all_or_nothing_across_agent_and_team() {
+        let (l, _) = ledger("2026-11-29T10:00:00Z");
+        let agent = Limit {
+            key: key(Scope::Agent, "a", Period::Day),
+            nanos: Some(usd_to_nanos(1.0)),
+            tokens: None,
+        };
+        let team = Limit {
+            key: key(Scope::Team, "t", Period::Month),
+            nanos: Some(usd_to_nanos(0.5)),
+            tokens: None,
+        };
+        let worst = Amount {
+            tokens: 0,
+            nanos: usd_to_nanos(0.6),
+        };
+        let err = l
+            .reserve(&[agent.clone(), team.clone()], worst)
+            .err()
+            .unwrap();
+        assert_eq!(err.key.scope, Scope::Team);
+        assert!(
+            err.to_string().contains("team t month budget exhausted"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("resets at 2026-12-01T00:00:00Z"),
+            "{err}"
+        );
+        assert!(
+            l.accounts()
+                .iter()
+                .all(|(_, a)| a.reserved == Amount::default()),
+            "nothing held"
+        );
+    }
+
+    #[test]
+    fn concurrent_reservations_never_overshoot() {
+        let (l, _) = ledger("2026-11-29T10:00:00Z");
+        let limits = [Limit {
+            key: key(Scope::Agent, "a", Period::Total),
+            nanos: None,
+            tokens: Some(1000),
+        }];
+        let granted = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        if let Ok(r) = l.reserve(&limits, tokens(7)) {
+                            granted.fetch_add(1, Ordering::SeqCst);
+                            r.settle(tokens(7));
+                        }
+                    }
+                });
+            }
+        });
+        let spent = l.accounts()[0].1.spent.tokens;
+        assert!(spent <= 1000, "{spent}");
+        assert_eq!(spent, granted.load(Ordering::SeqCst) * 7);
+        assert_eq!(spent, 994, "every token that fits is used");
+    }
+
+    #[test]
+    fn periods_roll_over_on_the_calendar() {
+        let (l, clock) = ledger("2026-11-29T23:59:00Z");
+        let limits = [Limit {
+            key: key(Scope::Agent, "a", Period::Day),
+            nanos: None,
+            tokens: Some(100),
+        }];
+        l.reserve(&limits, tokens(90)).unwrap().settle(tokens(90));
+        assert!(l.reserve(&limits, tokens(20)).is_err());
+        clock.0.fetch_add(120, Ordering::SeqCst); // 00:01 the next day
+        assert_eq!(l.remaining(&limits), (None, Some(100)));
+        assert!(l.reserve(&limits, tokens(20)).is_ok());
+    }
+
+    #[test]
+    fn affordable_output_for_clamping() {
+        let (l, _) = ledger("2026-11-29T10:00:00Z");
+        let limits = [Limit {
+            key: key(Scope::Agent, "a", Period::Day),
+            nanos: Some(usd_to_nanos(0.001)),
+            tokens: Some(5000),
+        }];
+        // $0.001 left, input costs $0.0002, output at 1000 nanos ($1/Mtok... x1000) a token.
+        let input = Amount {
+            tokens: 100,
+            nanos: usd_to_nanos(0.0002),
+        };
+        assert_eq!(l.affordable_output(&limits, input, 1000.0), Some(800));
+        assert_eq!(
+            l.affordable_output(&limits, input, 10.0),
+            Some(4900),
+            "tokens bind first"
+        );
+        assert_eq!(l.affordable_output(&[], input, 10.0), None);
+    }
+
+    #[test]
+    fn replay_counts_only_current_windows() {
+        let (l, _) = ledger("2026-11-29T10:00:00Z");
+        let day = key(Scope::Agent, "a", Period::Day);
+        let total = key(Scope::Agent, "a", Period::Total);
+        l.replay(
+            &[day.clone(), total.clone()],
+            tokens(5),
+            "2026-11-28T10:00:00Z".parse().unwrap(),
+        );
+        l.replay(
+            &[day.clone(), total.clone()],
+            tokens(7),
+            "2026-11-29T09:00:00Z".parse().unwrap(),
+        );
+        let limits = [
+            Limit {
+                key: day,
+                nanos: None,
+                tokens: Some(100),
+            },
+            Limit {
+                key: total,
+                nanos: None,
+                tokens: Some(1000),
+            },
+        ];
+        let acc = l.accounts();
+        assert_eq!(
+            acc.iter().map(|(_, a)| a.spent.tokens).collect::<Vec<_>>(),
+            vec![7, 12]
+        );
+        assert_eq!(l.remaining(&limits), (None, Some(93)));
+    }
+}

@@ -1,0 +1,274 @@
+//! Admission: what may go out, decided before a byte reaches the provider.
+//!
+//! In order: the agent's model allow-list (403), its cap on output tokens (clamped), then
+//! the budgets: the worst case of the request (an upper bound of its input, which costs no
+//! tokenizer pass, plus its output limit, priced) is reserved against every budget that
+//! covers it, in one atomic step (402 when it does not fit). A request with no output
+//! limit is clamped to what the budgets still afford, reserved at a default, or refused,
+//! as `budgets.on_missing_max_tokens` says; the clamp is the only change admission makes
+//! to a body.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::error::ProxyError;
+use crate::config::{BudgetConfig, Config, MissingMaxTokens};
+use crate::ledger::{
+    usd_to_nanos, Amount, BudgetKey, Exhausted, Ledger, Limit, Reservation, Scope,
+};
+use crate::metering::pricing::glob_match;
+use crate::metering::{Endpoint, Price};
+use crate::providers::{set_json_field, RequestFields};
+
+/// An agent's rules, from the config.
+#[derive(Debug, Default)]
+pub struct Policy {
+    pub models: Option<Vec<String>>,
+    pub max_tokens_cap: Option<u64>,
+    /// The agent's budgets and its team's.
+    pub limits: Vec<Limit>,
+}
+
+/// Every agent's policy, by agent id.
+#[derive(Debug, Default)]
+pub struct Policies(HashMap<String, Arc<Policy>>);
+
+fn limits<'a>(
+    scope: Scope,
+    id: &str,
+    budgets: &'a [BudgetConfig],
+) -> impl Iterator<Item = Limit> + 'a {
+    let id: Arc<str> = id.into();
+    budgets.iter().map(move |b| Limit {
+        key: BudgetKey {
+            scope,
+            id: id.clone(),
+            period: b.period,
+        },
+        nanos: b.usd.map(usd_to_nanos),
+        tokens: b.tokens,
+    })
+}
+
+impl Policies {
+    pub fn from_config(config: &Config) -> Policies {
+        let mut map = HashMap::new();
+        for agent in &config.agents {
+            let mut all: Vec<Limit> = limits(Scope::Agent, &agent.id, &agent.budgets).collect();
+            if let Some(team) = agent.team.as_deref() {
+                if let Some(t) = config.teams.iter().find(|t| t.id == team) {
+                    all.extend(limits(Scope::Team, &t.id, &t.budgets));
+                }
+            }
+            let policy = Policy {
+                models: agent.models.clone(),
+                max_tokens_cap: agent.max_tokens_cap,
+                limits: all,
+            };
+            map.insert(agent.id.clone(), Arc::new(policy));
+        }
+        Policies(map)
+    }
+
+    pub fn get(&self, agent: &str) -> Option<&Arc<Policy>> {
+        self.0.get(agent)
+    }
+
+    /// Every limit of every agent and team, once each, for metrics and the admin API.
+    pub fn all_limits(&self) -> Vec<Limit> {
+        let mut all: Vec<Limit> = self
+            .0
+            .values()
+            .flat_map(|p| p.limits.iter().cloned())
+            .collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        all.dedup_by(|a, b| a.key == b.key);
+        all
+    }
+}
+
+/// What admission decided for a request it lets through.
+pub struct Admitted {
+    pub reservation: Option<Reservation>,
+    /// The body with its output limit clamped, if admission changed it.
+    pub body: Option<Bytes>,
+    /// What the tightest budgets have left (settled spend): nano-dollars, tokens.
+    pub remaining: (Option<u64>, Option<u64>),
+}
+
+/// What one request needs from admission.
+pub struct Request<'a> {
+    pub model: &'a str,
+    pub endpoint: Endpoint,
+    pub fields: &'a RequestFields<'a>,
+    /// The JSON body as the client sent it (empty for other bodies).
+    pub body: &'a Bytes,
+    pub price: Option<Price>,
+}
+
+/// Nano-dollars a token costs at a price in dollars per million tokens.
+fn nanos_per_token(usd_per_mtok: f64) -> f64 {
+    usd_per_mtok * 1e3
+}
+
+pub fn admit(
+    ledger: &Arc<Ledger>,
+    policy: &Policy,
+    config: &Config,
+    req: Request<'_>,
+) -> Result<Admitted, ProxyError> {
+    if let Some(models) = &policy.models {
+        if !models.iter().any(|m| glob_match(m, req.model)) {
+            return Err(ProxyError::ModelNotAllowed(req.model.to_owned()));
+        }
+    }
+    if req.endpoint == Endpoint::Other
+        || (policy.limits.is_empty() && policy.max_tokens_cap.is_none())
+    {
+        return Ok(Admitted {
+            reservation: None,
+            body: None,
+            remaining: (None, None),
+        });
+    }
+
+    // No tokenizer pass: a token is at least one byte, so the body's length bounds it.
+    let input_tokens = req.body.len() as u64;
+    let (input_price, output_price) = req.price.map_or((0.0, 0.0), |p| {
+        (
+            nanos_per_token(p.input.max(p.cache_write)),
+            nanos_per_token(p.output),
+        )
+    });
+    let input = Amount {
+        tokens: input_tokens,
+        nanos: (input_tokens as f64 * input_price).ceil() as u64,
+    };
+
+    let (asked, field) = req.fields.output_limit(req.endpoint);
+    let cap = policy.max_tokens_cap;
+    let (output, write) = match asked {
+        Some(n) => match cap {
+            Some(cap) if n > cap => (cap, true),
+            _ => (n, false),
+        },
+        None if policy.limits.is_empty() => match cap {
+            Some(cap) => (cap, true),
+            None => (0, false),
+        },
+        None => match config.budgets.on_missing_max_tokens {
+            MissingMaxTokens::Reject => return Err(ProxyError::OutputLimitRequired(field)),
+            MissingMaxTokens::ReserveDefault => {
+                let n = config.budgets.default_reserve_output_tokens;
+                (cap.map_or(n, |c| n.min(c)), false)
+            }
+            MissingMaxTokens::Clamp => {
+                let affordable = ledger
+                    .affordable_output(&policy.limits, input, output_price)
+                    .unwrap_or(u64::MAX);
+                let n = cap.map_or(affordable, |c| affordable.min(c));
+                if n == 0 {
+                    // Nothing left for even one token: refuse as the ledger would.
+                    let worst = Amount {
+                        tokens: input.tokens + 1,
+                        nanos: input.nanos + output_price.ceil() as u64,
+                    };
+                    return Err(ledger
+                        .reserve(&policy.limits, worst)
+                        .err()
+                        .map_or(ProxyError::OutputLimitRequired(field), |e| {
+                            ProxyError::BudgetExhausted(Box::new(e))
+                        }));
+                }
+                (n, true)
+            }
+        },
+    };
+
+    let body = if write && !req.body.is_empty() {
+        set_json_field(req.body, field, serde_json::Value::from(output))
+    } else {
+        None
+    };
+    let remaining = ledger.remaining(&policy.limits);
+    let worst = Amount {
+        tokens: input.tokens + output,
+        nanos: input.nanos + (output as f64 * output_price).ceil() as u64,
+    };
+    let reservation = if policy.limits.is_empty() {
+        None
+    } else {
+        Some(
+            ledger
+                .reserve(&policy.limits, worst)
+                .map_err(|e: Exhausted| ProxyError::BudgetExhausted(Box::new(e)))?,
+        )
+    };
+    Ok(Admitted {
+        reservation,
+        body,
+        remaining,
+    })
+}
+
+/// The fields of an audit line that carry settled spend.
+#[derive(serde::Deserialize)]
+struct SpendLine {
+    ts: String,
+    agent: Option<String>,
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    cached_input_tokens: u64,
+    #[serde(default)]
+    cache_write_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+    #[serde(default)]
+    cost_usd: f64,
+}
+
+impl Policies {
+    /// Rebuilds the ledger's current periods from the audit log, the record of every
+    /// settled request, so a restart (or a crash) resumes with the same remaining budget.
+    /// Returns how many lines carried spend.
+    pub fn replay_audit(&self, ledger: &Ledger, dir: &std::path::Path) -> std::io::Result<u64> {
+        let mut replayed = 0;
+        let files = match crate::audit::log_files(dir) {
+            Ok(files) => files,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        for file in files {
+            let text = std::fs::read(&file)?;
+            for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let Ok(spend) = serde_json::from_slice::<SpendLine>(line) else {
+                    continue;
+                };
+                let Some(policy) = spend.agent.as_deref().and_then(|a| self.get(a)) else {
+                    continue;
+                };
+                let tokens = spend.input_tokens
+                    + spend.cached_input_tokens
+                    + spend.cache_write_tokens
+                    + spend.output_tokens;
+                if (tokens == 0 && spend.cost_usd == 0.0) || policy.limits.is_empty() {
+                    continue;
+                }
+                let Ok(at) = spend.ts.parse::<jiff::Timestamp>() else {
+                    continue;
+                };
+                let keys: Vec<BudgetKey> = policy.limits.iter().map(|l| l.key.clone()).collect();
+                let amount = Amount {
+                    tokens,
+                    nanos: usd_to_nanos(spend.cost_usd),
+                };
+                ledger.replay(&keys, amount, at);
+                replayed += 1;
+            }
+        }
+        Ok(replayed)
+    }
+}

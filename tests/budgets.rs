@@ -1,0 +1,452 @@
+//! Budgets end to end: a hard ceiling under concurrency, shared by a team, clamping,
+//! model allow-lists, the answers SDKs see, and spend that survives a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::Value;
+
+/// The usual config with more for agent-a: `extra` is keys (`models = …`) and/or its
+/// sub-tables (`[[agents.budgets]]`), placed after its own keys; `tail` goes at the end.
+fn budget_config(mock: &Mock, extra: &str, tail: &str) -> String {
+    let key_line = format!(
+        "key_sha256 = \"{}\"\n",
+        tokenwarden::identity::key_digest_hex(KEY_A)
+    );
+    config(mock).replacen(&key_line, &format!("{key_line}{extra}\n"), 1) + tail
+}
+
+fn audit_lines(proxy: &Proxy) -> Vec<Value> {
+    tokenwarden::audit::log_files(&proxy.dir.path().join("data/audit"))
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        })
+        .collect()
+}
+
+fn spent_tokens(lines: &[Value], agent: &str) -> u64 {
+    lines
+        .iter()
+        .filter(|l| l["agent"] == agent)
+        .map(|l| {
+            [
+                "input_tokens",
+                "cached_input_tokens",
+                "cache_write_tokens",
+                "output_tokens",
+            ]
+            .iter()
+            .map(|k| l[*k].as_u64().unwrap())
+            .sum::<u64>()
+        })
+        .sum()
+}
+
+async fn wait_for_lines(proxy: &Proxy, n: usize) -> Vec<Value> {
+    for _ in 0..250 {
+        let lines = audit_lines(proxy);
+        if lines.len() >= n {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the audit log never reached {n} lines");
+}
+
+const STREAM: &str = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":20,"messages":[{"role":"user","content":"go"}]}"#;
+
+#[tokio::test]
+async fn concurrent_streams_never_spend_past_the_budget() {
+    let mock = Mock::start();
+    // Each request reserves its body length (input bound) plus max_tokens 20: about
+    // 120 tokens, so the budget affords about ten at once.
+    let worst = STREAM.len() as u64 + 20;
+    let budget = worst * 10 + worst / 2;
+    let budget_table = format!("[[agents.budgets]]\nperiod = \"day\"\ntokens = {budget}");
+    let proxy = Proxy::start(&budget_config(&mock, &budget_table, ""));
+
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let req = request(
+            "POST",
+            &proxy.url("/openai/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &bearer(KEY_A)),
+                ("x-mock-chunks", "20"),
+                ("x-mock-delay-ms", "30"),
+            ],
+            STREAM,
+        );
+        tasks.push(tokio::spawn(async move {
+            let response = client().request(req).await.unwrap();
+            let status = response.status().as_u16();
+            let retry = response
+                .headers()
+                .get("x-should-retry")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, retry, body)
+        }));
+    }
+    let mut ok = 0;
+    let mut refused = 0;
+    for task in tasks {
+        let (status, retry, body) = task.await.unwrap();
+        match status {
+            200 => {
+                ok += 1;
+                assert!(body.ends_with(b"data: [DONE]\n\n"));
+            }
+            402 => {
+                refused += 1;
+                assert_eq!(retry.as_deref(), Some("false"));
+                let v = json(&body);
+                assert_eq!(v["error"]["type"], "insufficient_quota");
+                assert_eq!(v["error"]["code"], "budget_exceeded");
+                let message = v["error"]["message"].as_str().unwrap();
+                assert!(
+                    message.contains("agent agent-a day budget exhausted"),
+                    "{message}"
+                );
+                assert!(message.contains("resets at"), "{message}");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(ok >= 9, "only {ok} streams were admitted");
+    assert_eq!(ok + refused, 64);
+    assert!(refused > 0, "the budget never bound");
+    let lines = wait_for_lines(&proxy, 64).await;
+    let spent = spent_tokens(&lines, "agent-a");
+    assert!(spent <= budget, "spent {spent} of {budget}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["reason"] == "budget_exhausted")
+            .count(),
+        refused
+    );
+
+    // Everything settled: nothing stays reserved.
+    let metrics =
+        String::from_utf8(get(&proxy.admin_url("/metrics"), &[]).await.2.to_vec()).unwrap();
+    assert!(
+        metrics.contains("tokenwarden_budget_reserved{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"} 0"),
+        "{metrics}"
+    );
+    let remaining = format!(
+        "tokenwarden_budget_remaining{{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"}} {}",
+        budget - spent
+    );
+    assert!(metrics.contains(&remaining), "{remaining} not in {metrics}");
+    assert!(metrics
+        .contains("tokenwarden_rejections_total{agent=\"agent-a\",reason=\"budget_exhausted\"}"));
+}
+
+#[tokio::test]
+async fn a_team_budget_is_shared_and_spend_survives_a_restart() {
+    let mock = Mock::start();
+    let config =
+        config(&mock).replacen("id = \"agent-b\"", "id = \"agent-b\"\nteam = \"team-1\"", 1)
+            + "\n[[teams]]\nid = \"team-1\"\n[[teams.budgets]]\nperiod = \"month\"\nusd = 0.0001\n";
+    let proxy = Proxy::start(&config);
+    // gpt-4o: $2.50 / $10 per Mtok. A ~100-byte request with max_tokens 5 reserves
+    // about 100 x 2.5e-6 + 5 x 1e-5 = $0.0003: more than the whole team budget.
+    let body = r#"{"model":"gpt-4o","max_tokens":5,"messages":[{"role":"user","content":"hello there, team"}]}"#;
+    let (status, _, b) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        body,
+    )
+    .await;
+    assert_eq!(status, 402, "{}", String::from_utf8_lossy(&b));
+    assert!(json(&b)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("team team-1 month budget"));
+
+    // A cheaper model fits; both agents draw on the same team budget.
+    let cheap =
+        r#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, h, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        cheap,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.get("x-tokenwarden-budget-remaining-usd").unwrap(),
+        "0.000100"
+    );
+    let (status, h, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_B))],
+        cheap,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let after_one: f64 = h
+        .get("x-tokenwarden-budget-remaining-usd")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        after_one < 0.0001,
+        "agent-b sees agent-a's spend: {after_one}"
+    );
+    wait_for_lines(&proxy, 3).await;
+
+    // Restart on the same data directory: the remaining budget is the same.
+    let (status, h, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_B))],
+        cheap,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let before_restart = h
+        .get("x-tokenwarden-budget-remaining-usd")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    wait_for_lines(&proxy, 4).await;
+    let lines = audit_lines(&proxy);
+    let spent: f64 = lines.iter().map(|l| l["cost_usd"].as_f64().unwrap()).sum();
+    let data = proxy.dir.path().join("data");
+    let mut proc = proxy.proc;
+    std::process::Command::new("kill")
+        .args(["-9", &proc.pid().to_string()])
+        .status()
+        .unwrap();
+    proc.child.wait().unwrap();
+    let config2 = config.replace(
+        "[upstream]",
+        &format!("[storage]\ndir = \"{}\"\n[upstream]", data.display()),
+    );
+    let proxy = Proxy::start(&config2);
+    let (status, h, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        cheap,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let remaining: f64 = h
+        .get("x-tokenwarden-budget-remaining-usd")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (remaining - (0.0001 - spent)).abs() < 1e-6,
+        "{remaining} vs {} ({before_restart} before)",
+        0.0001 - spent
+    );
+}
+
+#[tokio::test]
+async fn a_request_without_an_output_limit_is_clamped_to_what_the_budget_affords() {
+    let mock = Mock::start();
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"write a lot"}]}"#;
+    let budget = body.len() as u64 + 30;
+    let config = budget_config(
+        &mock,
+        &format!("[[agents.budgets]]\nperiod = \"hour\"\ntokens = {budget}"),
+        "",
+    );
+    let proxy = Proxy::start(&config);
+    let (status, h, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A)), ("x-mock-chunks", "500")],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.get("x-tokenwarden-budget-remaining-tokens")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        budget.to_string()
+    );
+    let seen = mock.last_request().await;
+    assert_eq!(
+        seen["output_limit"], 30,
+        "the provider was told what the budget affords"
+    );
+    // The body changed only by the limit spliced in before its closing brace.
+    let clamped = format!("{},\"max_completion_tokens\":30}}", &body[..body.len() - 1]);
+    assert_eq!(seen["body_len"], clamped.len());
+}
+
+#[tokio::test]
+async fn reject_and_reserve_default_policies() {
+    let mock = Mock::start();
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let budget = "[[agents.budgets]]\nperiod = \"day\"\ntokens = 100000";
+    let proxy = Proxy::start(&budget_config(
+        &mock,
+        budget,
+        "\n[budgets]\non_missing_max_tokens = \"reject\"\n",
+    ));
+    let (status, _, b) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        body,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(json(&b)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_completion_tokens"));
+    assert!(mock.requests().await.is_empty());
+
+    let proxy = Proxy::start(&budget_config(
+        &mock,
+        budget,
+        "\n[budgets]\non_missing_max_tokens = \"reserve_default\"\ndefault_reserve_output_tokens = 50\n",
+    ));
+    let (status, _, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let seen = mock.last_request().await;
+    assert!(seen["output_limit"].is_null(), "the body is left as sent");
+    assert_eq!(seen["body_len"], body.len());
+}
+
+#[tokio::test]
+async fn models_outside_the_allow_list_get_403_and_caps_clamp() {
+    let mock = Mock::start();
+    let extra = "models = [\"gpt-4o-mini\", \"claude-*\"]\nmax_tokens_cap = 64";
+    // Keys of agent-a itself, so before any sub-table: budget_config puts them right
+    // after its key, which is its last key.
+    let proxy = Proxy::start(&budget_config(&mock, extra, ""));
+    let (status, h, b) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        r#"{"model":"gpt-4o","messages":[]}"#,
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert_eq!(h.get("x-should-retry").unwrap(), "false");
+    assert_eq!(json(&b)["error"]["code"], "model_not_allowed");
+    let (status, _, b) = post_json(
+        &proxy.url("/anthropic/v1/messages"),
+        &[("x-api-key", KEY_A)],
+        r#"{"model":"claude-opus-4-6","max_tokens":100000,"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        mock.last_request().await["output_limit"],
+        64,
+        "asked 100000, capped at 64"
+    );
+    let (status, _, b) = post_json(
+        &proxy.url("/anthropic/v1/messages"),
+        &[("x-api-key", KEY_A)],
+        r#"{"model":"gpt-4o","max_tokens":1,"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert_eq!(json(&b)["error"]["type"], "permission_error");
+    // Another agent without an allow-list is not affected.
+    let (status, _, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_B))],
+        r#"{"model":"gpt-4o","messages":[]}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn reservations_are_released_when_streams_fail_or_clients_leave() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&budget_config(
+        &mock,
+        "[[agents.budgets]]\nperiod = \"day\"\ntokens = 100000",
+        "",
+    ));
+    for fault in [
+        vec![("x-mock-fault", "drop-mid-stream")],
+        vec![("x-mock-fault", "reset")],
+    ] {
+        let auth = bearer(KEY_A);
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("authorization", auth.as_str()),
+            ("x-mock-chunks", "10"),
+        ];
+        headers.extend(fault);
+        let req = request(
+            "POST",
+            &proxy.url("/openai/v1/chat/completions"),
+            &headers,
+            STREAM,
+        );
+        if let Ok(response) = client().request(req).await {
+            let mut body = response.into_body();
+            while let Some(Ok(_)) = body.frame().await {}
+        }
+    }
+    // A client that leaves mid-stream.
+    let req = request(
+        "POST",
+        &proxy.url("/openai/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &bearer(KEY_A)),
+            ("x-mock-chunks", "20"),
+            ("x-mock-delay-ms", "50"),
+        ],
+        STREAM,
+    );
+    let response = client().request(req).await.unwrap();
+    let mut body = response.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+
+    let want =
+        "tokenwarden_budget_reserved{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"} 0";
+    for _ in 0..250 {
+        let m = String::from_utf8(get(&proxy.admin_url("/metrics"), &[]).await.2.to_vec()).unwrap();
+        if m.contains(want) && audit_lines(&proxy).len() == 3 {
+            let lines = audit_lines(&proxy);
+            let spent = spent_tokens(&lines, "agent-a");
+            let remaining = format!(
+                "tokenwarden_budget_remaining{{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"}} {}",
+                100000 - spent
+            );
+            assert!(
+                m.contains(&remaining),
+                "spend is what was used, not what was reserved: {remaining}\n{m}"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("reservations were not released");
+}
