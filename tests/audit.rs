@@ -11,36 +11,6 @@ use common::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-fn audit_lines(proxy: &Proxy) -> Vec<Value> {
-    let dir = proxy.dir.path().join("data/audit");
-    let files = tokenwarden::audit::log_files(&dir).unwrap();
-    files
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect::<Vec<Value>>()
-        })
-        .collect()
-}
-
-/// Waits until the log holds `n` lines (the writer commits in groups, asynchronously).
-async fn wait_for_lines(proxy: &Proxy, n: usize) -> Vec<Value> {
-    for _ in 0..200 {
-        let lines = audit_lines(proxy);
-        if lines.len() >= n {
-            return lines;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!(
-        "the audit log never reached {n} lines: {:?}",
-        audit_lines(proxy)
-    );
-}
-
 fn verify(proxy: &Proxy) -> (bool, String) {
     let out = Command::new(bin())
         .args([
@@ -86,7 +56,7 @@ async fn every_request_is_one_chained_line_without_secrets() {
     .await;
     assert_eq!(status, 401);
 
-    let lines = wait_for_lines(&proxy, 2).await;
+    let lines = proxy.wait_for_audit_lines(2).await;
     assert_eq!(lines.len(), 2);
     let ok = &lines[0];
     assert_eq!(ok["seq"], 1);
@@ -164,7 +134,7 @@ async fn verify_finds_an_edited_line_and_restarts_continue_the_chain() {
         .await;
         assert_eq!(status, 200);
     }
-    wait_for_lines(&proxy, 3).await;
+    proxy.wait_for_audit_lines(3).await;
 
     // A graceful restart on the same data directory continues the chain.
     let dir = proxy.dir;
@@ -279,7 +249,7 @@ async fn audit_lines_agree_with_the_metrics_for_a_mixed_load() {
     .await;
     assert_eq!(status, 200);
 
-    let lines = wait_for_lines(&proxy, 3).await;
+    let lines = proxy.wait_for_audit_lines(3).await;
     assert_eq!(lines.len(), 3);
     // Lines are in settlement order: the cut stream settles last (it counts tokens).
     let by = |provider: &str, outcome: &str| {
@@ -296,8 +266,7 @@ async fn audit_lines_agree_with_the_metrics_for_a_mixed_load() {
     assert_eq!(by("openai", "upstream_error")["estimated"], true);
     assert_eq!(by("anthropic", "ok")["cached_input_tokens"], 7);
 
-    let metrics =
-        String::from_utf8(get(&proxy.admin_url("/metrics"), &[]).await.2.to_vec()).unwrap();
+    let metrics = proxy.metrics_text().await;
     let metric_sum = |name: &str, filter: &str| -> f64 {
         metrics
             .lines()
@@ -334,7 +303,7 @@ async fn bodies_are_written_only_when_asked() {
     )
     .await;
     assert_eq!(status, 200);
-    let line = wait_for_lines(&proxy, 1).await.remove(0);
+    let line = proxy.wait_for_audit_lines(1).await.remove(0);
     assert_eq!(line["request_body"], body);
     assert!(line["response_body"]
         .as_str()
@@ -361,7 +330,7 @@ async fn an_unwritable_log_fails_closed_with_503_and_recovers() {
     let headers = [("authorization", auth.as_str())];
     let send_one = || post_json(&url, &headers, &big);
     assert_eq!(send_one().await.0, 200);
-    wait_for_lines(&proxy, 1).await;
+    proxy.wait_for_audit_lines(1).await;
     let blocker = proxy.dir.path().join("data/audit/audit-000000000002.jsonl");
     std::fs::create_dir(&blocker).unwrap();
     assert_eq!(
@@ -400,7 +369,7 @@ async fn an_unwritable_log_fails_closed_with_503_and_recovers() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(recovered, "the proxy did not recover when the disk did");
-    let m = String::from_utf8(get(&proxy.admin_url("/metrics"), &[]).await.2.to_vec()).unwrap();
+    let m = proxy.metrics_text().await;
     assert!(
         !m.contains("tokenwarden_audit_write_errors_total 0"),
         "write errors were counted"

@@ -21,20 +21,6 @@ fn budget_config(mock: &Mock, extra: &str, tail: &str) -> String {
     config(mock).replacen(&key_line, &format!("{key_line}{extra}\n"), 1) + tail
 }
 
-fn audit_lines(proxy: &Proxy) -> Vec<Value> {
-    tokenwarden::audit::log_files(&proxy.dir.path().join("data/audit"))
-        .unwrap_or_default()
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect::<Vec<Value>>()
-        })
-        .collect()
-}
-
 fn spent_tokens(lines: &[Value], agent: &str) -> u64 {
     lines
         .iter()
@@ -51,17 +37,6 @@ fn spent_tokens(lines: &[Value], agent: &str) -> u64 {
             .sum::<u64>()
         })
         .sum()
-}
-
-async fn wait_for_lines(proxy: &Proxy, n: usize) -> Vec<Value> {
-    for _ in 0..250 {
-        let lines = audit_lines(proxy);
-        if lines.len() >= n {
-            return lines;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the audit log never reached {n} lines");
 }
 
 const STREAM: &str = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":20,"messages":[{"role":"user","content":"go"}]}"#;
@@ -128,7 +103,7 @@ async fn concurrent_streams_never_spend_past_the_budget() {
     assert!(ok >= 9, "only {ok} streams were admitted");
     assert_eq!(ok + refused, 64);
     assert!(refused > 0, "the budget never bound");
-    let lines = wait_for_lines(&proxy, 64).await;
+    let lines = proxy.wait_for_audit_lines(64).await;
     let spent = spent_tokens(&lines, "agent-a");
     assert!(spent <= budget, "spent {spent} of {budget}");
     assert_eq!(
@@ -140,8 +115,7 @@ async fn concurrent_streams_never_spend_past_the_budget() {
     );
 
     // Everything settled: nothing stays reserved.
-    let metrics =
-        String::from_utf8(get(&proxy.admin_url("/metrics"), &[]).await.2.to_vec()).unwrap();
+    let metrics = proxy.metrics_text().await;
     assert!(
         metrics.contains("tokenwarden_budget_reserved{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"} 0"),
         "{metrics}"
@@ -209,7 +183,7 @@ async fn a_team_budget_is_shared_and_spend_survives_a_restart() {
         after_one < 0.0001,
         "agent-b sees agent-a's spend: {after_one}"
     );
-    wait_for_lines(&proxy, 3).await;
+    proxy.wait_for_audit_lines(3).await;
 
     // Restart on the same data directory: the remaining budget is the same.
     let (status, h, _) = post_json(
@@ -225,8 +199,8 @@ async fn a_team_budget_is_shared_and_spend_survives_a_restart() {
         .to_str()
         .unwrap()
         .to_owned();
-    wait_for_lines(&proxy, 4).await;
-    let lines = audit_lines(&proxy);
+    proxy.wait_for_audit_lines(4).await;
+    let lines = proxy.audit_lines();
     let spent: f64 = lines.iter().map(|l| l["cost_usd"].as_f64().unwrap()).sum();
     let data = proxy.dir.path().join("data");
     let mut proc = proxy.proc;
@@ -294,6 +268,41 @@ async fn a_request_without_an_output_limit_is_clamped_to_what_the_budget_affords
     // The body changed only by the limit spliced in before its closing brace.
     let clamped = format!("{},\"max_completion_tokens\":30}}", &body[..body.len() - 1]);
     assert_eq!(seen["body_len"], clamped.len());
+}
+
+#[tokio::test]
+async fn clamped_requests_do_not_hold_the_whole_budget() {
+    let mock = Mock::start();
+    let body =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"go"}]}"#;
+    let config = budget_config(
+        &mock,
+        "[[agents.budgets]]\nperiod = \"day\"\ntokens = 1000000",
+        "",
+    ) + "\n[budgets]\ndefault_reserve_output_tokens = 100\n";
+    let proxy = Proxy::start(&config);
+    // Two slow streams at once: each reserves its bound, not the whole budget.
+    let send = || {
+        let req = request(
+            "POST",
+            &proxy.url("/openai/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &bearer(KEY_A)),
+                ("x-mock-chunks", "10"),
+                ("x-mock-delay-ms", "30"),
+            ],
+            body,
+        );
+        client().request(req)
+    };
+    let (a, b) = tokio::join!(send(), send());
+    assert_eq!(
+        (a.unwrap().status().as_u16(), b.unwrap().status().as_u16()),
+        (200, 200)
+    );
+    let seen = mock.last_request().await;
+    assert_eq!(seen["output_limit"], 100, "clamped to the default ceiling");
 }
 
 #[tokio::test]
@@ -432,9 +441,9 @@ async fn reservations_are_released_when_streams_fail_or_clients_leave() {
     let want =
         "tokenwarden_budget_reserved{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"} 0";
     for _ in 0..250 {
-        let m = String::from_utf8(get(&proxy.admin_url("/metrics"), &[]).await.2.to_vec()).unwrap();
-        if m.contains(want) && audit_lines(&proxy).len() == 3 {
-            let lines = audit_lines(&proxy);
+        let m = proxy.metrics_text().await;
+        if m.contains(want) && proxy.audit_lines().len() == 3 {
+            let lines = proxy.audit_lines();
             let spent = spent_tokens(&lines, "agent-a");
             let remaining = format!(
                 "tokenwarden_budget_remaining{{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"}} {}",

@@ -3,7 +3,9 @@
 
     python3 benches/load/run.py [--rounds 3] [--seconds 5] [--out benches/load/results.json]
 
-Builds the release binary, installs `oha` from crates.io when missing, pins the load
+Builds the release binary, installs `oha` from crates.io when missing, configures the
+proxy with every feature on (metering, audit log with fsync, agent and team budgets, so
+each request is reserved, clamped and settled), pins the load
 generator and the mock to core 0 and the proxy to core 1 (`taskset`), and runs every
 scenario against both targets in alternation, `--rounds` times. It prints one table of
 medians (latency in ms) with the overhead the proxy adds, and writes the same as JSON.
@@ -135,7 +137,17 @@ prefix = "/openai"
 api_key_env = "BENCH_OPENAI_KEY"
 [[agents]]
 id = "bench-agent"
+team = "bench"
 key_sha256 = "{hashlib.sha256(KEY.encode()).hexdigest()}"
+[[agents.budgets]]
+period = "day"
+usd = 1000000.0
+tokens = 100000000000
+[[teams]]
+id = "bench"
+[[teams.budgets]]
+period = "month"
+usd = 1000000.0
 """)
     proxy, proxy_addr = start(pinned(1) + [str(BIN), "serve", "--config", str(config)],
                               env={"BENCH_OPENAI_KEY": "sk-bench"})

@@ -4,9 +4,10 @@
 //! the budgets: the worst case of the request (an upper bound of its input, which costs no
 //! tokenizer pass, plus its output limit, priced) is reserved against every budget that
 //! covers it, in one atomic step (402 when it does not fit). A request with no output
-//! limit is clamped to what the budgets still afford, reserved at a default, or refused,
-//! as `budgets.on_missing_max_tokens` says; the clamp is the only change admission makes
-//! to a body.
+//! limit is clamped to what the budgets still afford (at most `max_tokens_cap`, or
+//! `default_reserve_output_tokens` when there is no cap), reserved at a default, or
+//! refused, as `budgets.on_missing_max_tokens` says; the clamp is the only change
+//! admission makes to a body.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -168,7 +169,10 @@ pub fn admit(
                 let affordable = ledger
                     .affordable_output(&policy.limits, input, output_price)
                     .unwrap_or(u64::MAX);
-                let n = cap.map_or(affordable, |c| affordable.min(c));
+                // Never everything the budget affords: one request would hold the whole
+                // budget and every concurrent one would be refused.
+                let ceiling = cap.unwrap_or(config.budgets.default_reserve_output_tokens);
+                let n = affordable.min(ceiling);
                 if n == 0 {
                     // Nothing left for even one token: refuse as the ledger would.
                     let worst = Amount {

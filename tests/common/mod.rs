@@ -205,9 +205,52 @@ impl Proxy {
         );
     }
 
+    /// Every line of the audit log in the proxy's data directory, parsed.
+    pub fn audit_lines(&self) -> Vec<Value> {
+        audit_lines_in(&self.dir.path().join("data/audit"))
+    }
+
+    /// Waits until the audit log holds `n` lines (the writer commits in groups, and
+    /// settlements that count tokens finish a moment after the response).
+    pub async fn wait_for_audit_lines(&self, n: usize) -> Vec<Value> {
+        for _ in 0..250 {
+            let lines = self.audit_lines();
+            if lines.len() >= n {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "the audit log never reached {n} lines: {:?}",
+            self.audit_lines()
+        );
+    }
+
+    /// The metrics page.
+    pub async fn metrics_text(&self) -> String {
+        let (status, _, body) = get(&self.admin_url("/metrics"), &[]).await;
+        assert_eq!(status, 200);
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
     }
+}
+
+/// Every line of the audit files in `dir`, parsed, in chain order.
+pub fn audit_lines_in(dir: &Path) -> Vec<Value> {
+    tokenwarden::audit::log_files(dir)
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        })
+        .collect()
 }
 
 /// The usual test config: OpenAI and Anthropic formats both served by the mock, two agents.
