@@ -233,10 +233,6 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
         metrics.audit_records.clone(),
         metrics.audit_write_errors.clone(),
     )?);
-    // Build the fallback tokenizer now, off the workers, not on the first cut stream.
-    drop(tokio::task::spawn_blocking(
-        tokenwarden::metering::tokenizer::warm_up,
-    ));
     let listeners = Listeners::bind(&live.config.server.listen, &live.config.admin.listen).await?;
     let scheme = if live.config.server.tls.is_some() {
         "https"

@@ -4,7 +4,9 @@
 //! families, `cl100k_base` for older OpenAI models. Other vendors' tokenizers are not
 //! public; their text is counted with `o200k_base`, which is close for English and code,
 //! and the result is marked estimated either way. Each encoding is built once per
-//! process, on first use, and shared.
+//! process, on first use, and shared. It is not built at start: the two tables take about
+//! 100 MB, and with usage injection most deployments rarely need an estimate. The first
+//! one pays for the build, on the blocking pool, off the request path.
 //!
 //! The counter is `bpe-openai`: it gives the same counts as tiktoken and measured faster
 //! here (`cargo bench --bench tokenizer`).
@@ -40,11 +42,6 @@ pub fn for_model(model: &str) -> &'static dyn TokenCounter {
     }
 }
 
-/// Builds both encodings now, so the first estimate does not pay for it.
-pub fn warm_up() {
-    let _ = O200K.count("warm");
-    let _ = CL100K.count("warm");
-}
 
 #[cfg(test)]
 mod tests {
