@@ -42,7 +42,6 @@ pub fn for_model(model: &str) -> &'static dyn TokenCounter {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
