@@ -235,6 +235,19 @@ pub struct AgentConfig {
     pub max_tokens_cap: Option<u64>,
     #[serde(default)]
     pub budgets: Vec<BudgetConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Rate limits of one agent; each answered with 429 and `retry-after`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub requests_per_minute: Option<u32>,
+    /// Reserved and settled like a budget over each calendar minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Requests of the agent in flight at once.
+    pub max_concurrent: Option<u32>,
 }
 
 /// A budget over a period, in dollars, tokens, or both.
@@ -446,6 +459,15 @@ impl Config {
 
         for (i, a) in self.agents.iter().enumerate() {
             validate_budgets(&a.budgets, &format!("agents[{i}].budgets"), &mut problems);
+            let l = &a.limits;
+            if l.requests_per_minute == Some(0)
+                || l.tokens_per_minute == Some(0)
+                || l.max_concurrent == Some(0)
+            {
+                problems.push(format!(
+                    "agents[{i}].limits: every limit must be greater than 0"
+                ));
+            }
             if a.max_tokens_cap == Some(0) {
                 problems.push(format!(
                     "agents[{i}].max_tokens_cap: must be greater than 0"

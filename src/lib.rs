@@ -24,6 +24,7 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod guard;
 pub mod identity;
 pub mod ledger;
 pub mod metering;

@@ -459,3 +459,130 @@ async fn reservations_are_released_when_streams_fail_or_clients_leave() {
     }
     panic!("reservations were not released");
 }
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after() {
+    let mock = Mock::start();
+    let limits =
+        "[agents.limits]\nrequests_per_minute = 2\nmax_concurrent = 1\ntokens_per_minute = 100000";
+    let proxy = Proxy::start(&budget_config(&mock, limits, ""));
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[]}"#;
+
+    // One slow stream in flight: a second request of the same agent is refused at once.
+    let req = request(
+        "POST",
+        &proxy.url("/openai/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &bearer(KEY_A)),
+            ("x-mock-chunks", "5"),
+            ("x-mock-delay-ms", "100"),
+        ],
+        r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":5,"messages":[]}"#,
+    );
+    let slow = client().request(req).await.unwrap();
+    let (status, h, b) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        body,
+    )
+    .await;
+    assert_eq!(status, 429);
+    assert_eq!(h.get("retry-after").unwrap(), "1");
+    assert_eq!(json(&b)["error"]["code"], "rate_limit_exceeded");
+    assert!(json(&b)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("in flight"));
+    slow.into_body().collect().await.unwrap();
+
+    // Requests per minute: 2 allowed; the slow stream took one (the one refused for
+    // concurrency took none), this takes the other, the next is refused.
+    let (status, _, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, h, b) = post_json(
+        &proxy.url("/anthropic/v1/messages"),
+        &[("x-api-key", KEY_A)],
+        body,
+    )
+    .await;
+    assert_eq!(status, 429);
+    let retry: u64 = h
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(json(&b)["error"]["type"], "rate_limit_error");
+    // Another agent is not limited.
+    let (status, _, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_B))],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let metrics = proxy.metrics_text().await;
+    assert!(
+        metrics
+            .contains("tokenwarden_rejections_total{agent=\"agent-a\",reason=\"rate_limited\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn tokens_per_minute_are_reserved_like_a_budget() {
+    let mock = Mock::start();
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[]}"#;
+    // Room for one request's worst case, not two.
+    let tpm = (body.len() as u64 + 10) * 3 / 2;
+    let proxy = Proxy::start(&budget_config(
+        &mock,
+        &format!("[agents.limits]\ntokens_per_minute = {tpm}"),
+        "",
+    ));
+    let req = request(
+        "POST",
+        &proxy.url("/openai/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &bearer(KEY_A)),
+            ("x-mock-chunks", "5"),
+            ("x-mock-delay-ms", "100"),
+        ],
+        r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":10,"messages":[]}"#,
+    );
+    let slow = client().request(req).await.unwrap();
+    assert_eq!(slow.status(), 200);
+    let (status, h, b) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        body,
+    )
+    .await;
+    assert_eq!(status, 429, "{}", String::from_utf8_lossy(&b));
+    let retry: u64 = h
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    assert!(json(&b)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("tokens per minute"));
+    assert!(
+        h.get("x-should-retry").is_none(),
+        "a rate limit is worth retrying"
+    );
+    slow.into_body().collect().await.unwrap();
+}

@@ -165,6 +165,11 @@ impl Ledger {
         })
     }
 
+    /// The ledger's clock.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BudgetKey, Account>> {
         // Every update below leaves the map consistent before it can panic.
         self.accounts.lock().unwrap_or_else(|p| p.into_inner())

@@ -9,6 +9,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Period {
+    /// Used for `tokens_per_minute`; also allowed as a budget period.
+    Minute,
     Hour,
     Day,
     Week,
@@ -19,6 +21,7 @@ pub enum Period {
 impl Period {
     pub fn as_str(self) -> &'static str {
         match self {
+            Period::Minute => "minute",
             Period::Hour => "hour",
             Period::Day => "day",
             Period::Week => "week",
@@ -33,6 +36,7 @@ impl Period {
         let zoned = now.to_zoned(tz.clone());
         let start: Option<Zoned> = match self {
             Period::Total => None,
+            Period::Minute => zoned.with().second(0).subsec_nanosecond(0).build().ok(),
             Period::Hour => zoned
                 .with()
                 .minute(0)
@@ -57,6 +61,7 @@ impl Period {
             return (0, None);
         };
         let end = match self {
+            Period::Minute => start.checked_add(1.minute()),
             Period::Hour => start.checked_add(1.hour()),
             Period::Day => start.checked_add(1.day()),
             Period::Week => start.checked_add(1.week()),
@@ -88,6 +93,13 @@ mod tests {
     #[test]
     fn calendar_windows_in_utc() {
         let now = "2026-11-29T15:47:12Z"; // a Sunday
+        assert_eq!(
+            window(Period::Minute, now, "UTC"),
+            (
+                "2026-11-29T15:47:00Z".into(),
+                Some("2026-11-29T15:48:00Z".into())
+            )
+        );
         assert_eq!(
             window(Period::Hour, now, "UTC"),
             (

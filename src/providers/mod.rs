@@ -35,6 +35,8 @@ pub enum ErrorClass {
     BudgetExhausted,
     /// Policy forbids it: a model not on the allow-list (403).
     PermissionDenied,
+    /// Too many requests or tokens this minute, or too many at once (429).
+    RateLimited,
 }
 
 impl ErrorClass {
@@ -49,6 +51,7 @@ impl ErrorClass {
             ErrorClass::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorClass::BudgetExhausted => StatusCode::PAYMENT_REQUIRED,
             ErrorClass::PermissionDenied => StatusCode::FORBIDDEN,
+            ErrorClass::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }

@@ -16,8 +16,9 @@ use bytes::Bytes;
 
 use super::error::ProxyError;
 use crate::config::{BudgetConfig, Config, MissingMaxTokens};
+use crate::guard::{Guards, Slot};
 use crate::ledger::{
-    usd_to_nanos, Amount, BudgetKey, Exhausted, Ledger, Limit, Reservation, Scope,
+    usd_to_nanos, Amount, BudgetKey, Exhausted, Ledger, Limit, Period, Reservation, Scope,
 };
 use crate::metering::pricing::glob_match;
 use crate::metering::{Endpoint, Price};
@@ -28,8 +29,20 @@ use crate::providers::{set_json_field, RequestFields};
 pub struct Policy {
     pub models: Option<Vec<String>>,
     pub max_tokens_cap: Option<u64>,
-    /// The agent's budgets and its team's.
+    /// The agent's budgets and its team's, then its tokens-per-minute limit, if any:
+    /// everything a request reserves against.
     pub limits: Vec<Limit>,
+    /// How many of `limits` are budgets (the rest is the per-minute limit).
+    budgets: usize,
+    pub requests_per_minute: Option<u32>,
+    pub max_concurrent: Option<u32>,
+}
+
+impl Policy {
+    /// The budgets alone, without the per-minute rate limit.
+    pub fn budgets(&self) -> &[Limit] {
+        &self.limits[..self.budgets]
+    }
 }
 
 /// Every agent's policy, by agent id.
@@ -63,10 +76,25 @@ impl Policies {
                     all.extend(limits(Scope::Team, &t.id, &t.budgets));
                 }
             }
+            let budgets = all.len();
+            if let Some(tpm) = agent.limits.tokens_per_minute {
+                all.push(Limit {
+                    key: BudgetKey {
+                        scope: Scope::Agent,
+                        id: agent.id.as_str().into(),
+                        period: Period::Minute,
+                    },
+                    nanos: None,
+                    tokens: Some(tpm),
+                });
+            }
             let policy = Policy {
                 models: agent.models.clone(),
                 max_tokens_cap: agent.max_tokens_cap,
                 limits: all,
+                budgets,
+                requests_per_minute: agent.limits.requests_per_minute,
+                max_concurrent: agent.limits.max_concurrent,
             };
             map.insert(agent.id.clone(), Arc::new(policy));
         }
@@ -97,10 +125,13 @@ pub struct Admitted {
     pub body: Option<Bytes>,
     /// What the tightest budgets have left (settled spend): nano-dollars, tokens.
     pub remaining: (Option<u64>, Option<u64>),
+    /// A place among the agent's requests in flight, held to the end of the response.
+    pub slot: Option<Slot>,
 }
 
 /// What one request needs from admission.
 pub struct Request<'a> {
+    pub agent: &'a str,
     pub model: &'a str,
     pub endpoint: Endpoint,
     pub fields: &'a RequestFields<'a>,
@@ -114,8 +145,22 @@ fn nanos_per_token(usd_per_mtok: f64) -> f64 {
     usd_per_mtok * 1e3
 }
 
+/// A refused reservation: over a budget (402), or over the per-minute token limit,
+/// which a wait cures (429).
+fn refused(e: Exhausted, ledger: &Ledger) -> ProxyError {
+    if e.key.period == Period::Minute {
+        let wait = e.resets_at.map_or(60, |at| at - ledger.now().as_second());
+        return ProxyError::RateLimited {
+            what: format!("agent {} is over its tokens per minute", e.key.id),
+            retry_after: wait.clamp(1, 60) as u64,
+        };
+    }
+    ProxyError::BudgetExhausted(Box::new(e))
+}
+
 pub fn admit(
     ledger: &Arc<Ledger>,
+    guards: &Guards,
     policy: &Policy,
     config: &Config,
     req: Request<'_>,
@@ -125,6 +170,28 @@ pub fn admit(
             return Err(ProxyError::ModelNotAllowed(req.model.to_owned()));
         }
     }
+    let slot = match policy.max_concurrent {
+        None => None,
+        Some(max) => Some(
+            guards
+                .enter(req.agent, max)
+                .ok_or_else(|| ProxyError::RateLimited {
+                    what: format!("agent {} has {max} requests in flight already", req.agent),
+                    retry_after: 1,
+                })?,
+        ),
+    };
+    if let Some(rpm) = policy.requests_per_minute {
+        guards
+            .check_rate(req.agent, rpm)
+            .map_err(|wait| ProxyError::RateLimited {
+                what: format!(
+                    "agent {} is limited to {rpm} requests per minute",
+                    req.agent
+                ),
+                retry_after: wait.clamp(1, 60),
+            })?;
+    }
     if req.endpoint == Endpoint::Other
         || (policy.limits.is_empty() && policy.max_tokens_cap.is_none())
     {
@@ -132,6 +199,7 @@ pub fn admit(
             reservation: None,
             body: None,
             remaining: (None, None),
+            slot,
         });
     }
 
@@ -183,7 +251,7 @@ pub fn admit(
                         .reserve(&policy.limits, worst)
                         .err()
                         .map_or(ProxyError::OutputLimitRequired(field), |e| {
-                            ProxyError::BudgetExhausted(Box::new(e))
+                            refused(e, ledger)
                         }));
                 }
                 (n, true)
@@ -196,7 +264,7 @@ pub fn admit(
     } else {
         None
     };
-    let remaining = ledger.remaining(&policy.limits);
+    let remaining = ledger.remaining(policy.budgets());
     let worst = Amount {
         tokens: input.tokens + output,
         nanos: input.nanos + (output as f64 * output_price).ceil() as u64,
@@ -207,13 +275,14 @@ pub fn admit(
         Some(
             ledger
                 .reserve(&policy.limits, worst)
-                .map_err(|e: Exhausted| ProxyError::BudgetExhausted(Box::new(e)))?,
+                .map_err(|e: Exhausted| refused(e, ledger))?,
         )
     };
     Ok(Admitted {
         reservation,
         body,
         remaining,
+        slot,
     })
 }
 

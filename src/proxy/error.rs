@@ -2,7 +2,7 @@
 //! into a response in the provider's own error shape.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::Response;
 use http_body_util::{Either, Full};
 
@@ -41,6 +41,12 @@ pub enum ProxyError {
     ModelNotAllowed(String),
     #[error("set {0}: a budget applies and this proxy refuses requests without an output limit")]
     OutputLimitRequired(&'static str),
+    #[error("{what}; retry in {retry_after} s")]
+    RateLimited {
+        what: String,
+        /// Seconds, at most 60.
+        retry_after: u64,
+    },
 }
 
 impl ProxyError {
@@ -62,6 +68,7 @@ impl ProxyError {
             ProxyError::BudgetExhausted(_) => ErrorClass::BudgetExhausted,
             ProxyError::ModelNotAllowed(_) => ErrorClass::PermissionDenied,
             ProxyError::OutputLimitRequired(_) => ErrorClass::InvalidRequest,
+            ProxyError::RateLimited { .. } => ErrorClass::RateLimited,
         }
     }
 
@@ -93,6 +100,7 @@ impl ProxyError {
             ProxyError::BudgetExhausted(_) => "budget_exhausted",
             ProxyError::ModelNotAllowed(_) => "model_not_allowed",
             ProxyError::OutputLimitRequired(_) => "output_limit_required",
+            ProxyError::RateLimited { .. } => "rate_limited",
         }
     }
 }
@@ -110,6 +118,9 @@ pub fn error_response<B>(
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(REQUEST_ID_HEADER, request_id.clone());
+    if let ProxyError::RateLimited { retry_after, .. } = error {
+        headers.insert(RETRY_AFTER, HeaderValue::from((*retry_after).clamp(1, 60)));
+    }
     if matches!(
         class,
         ErrorClass::BudgetExhausted | ErrorClass::PermissionDenied

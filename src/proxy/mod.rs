@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, UpstreamConfig};
+use crate::guard::Guards;
 use crate::identity::{Agent, Identities};
 use crate::ledger::Ledger;
 use crate::metering::decode::Decoder;
@@ -87,6 +88,8 @@ pub struct AppState {
     pub audit: Arc<AuditLog>,
     /// Budgets outlive config reloads.
     pub ledger: Arc<Ledger>,
+    /// So do rate limits.
+    pub guards: Guards,
     /// Set when shutdown begins; `/readyz` then answers 503.
     pub draining: AtomicBool,
 }
@@ -105,6 +108,7 @@ impl AppState {
             metrics,
             audit,
             ledger,
+            guards: Guards::default(),
             draining: AtomicBool::new(false),
         }
     }
@@ -266,9 +270,11 @@ async fn forward(
     let policy = live.policies.get(&agent.id).cloned().unwrap_or_default();
     let admitted = admit::admit(
         &state.ledger,
+        &state.guards,
         &policy,
         &live.config,
         admit::Request {
+            agent: &agent.id,
             model: &model,
             endpoint,
             fields: &fields,
@@ -350,6 +356,7 @@ async fn forward(
         request_id: meta.request_id.clone(),
         price,
         reservation: admitted.reservation,
+        slot: admitted.slot,
         agent,
         provider: provider.name.clone(),
         endpoint,

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::tap::{Observer, StreamEnd};
 use super::{AppState, Rejected, RequestMeta};
 use crate::audit::{now_rfc3339, AuditLog, Record};
+use crate::guard::Slot;
 use crate::identity::Agent;
 use crate::ledger::{usd_to_nanos, Amount, Reservation};
 use crate::metering::decode::Decoder;
@@ -35,6 +36,8 @@ pub struct Settlement {
     pub price: Option<Price>,
     /// Budget held for this request; settled to the real spend at the end.
     pub reservation: Option<Reservation>,
+    /// The agent's place among its requests in flight, given back at the end.
+    pub slot: Option<Slot>,
     pub method: http::Method,
     pub path: String,
     pub status: u16,

@@ -1,0 +1,96 @@
+//! Per-agent rate limits that live across requests and config reloads: requests per
+//! minute (GCRA, from `governor`) and requests in flight. Tokens per minute are not here:
+//! they are reserved and settled like a budget (see `ledger`), so a stream's real size
+//! counts, not a guess.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+#[derive(Default)]
+pub struct Guards {
+    /// Per agent: the quota the limiter was built for, and the limiter.
+    per_minute: Mutex<HashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
+    in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
+}
+
+/// A place among an agent's requests in flight, given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicU32>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Maps of handles: no invariant a panic could break.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Guards {
+    /// Counts a request against `per_minute`; `Err` holds the seconds until one more
+    /// would be allowed (at least 1).
+    pub fn check_rate(&self, agent: &str, per_minute: u32) -> Result<(), u64> {
+        let Some(quota) = NonZeroU32::new(per_minute) else {
+            return Ok(());
+        };
+        let limiter = {
+            let mut map = lock(&self.per_minute);
+            match map.get(agent) {
+                Some((q, limiter)) if *q == per_minute => limiter.clone(),
+                _ => {
+                    let limiter = Arc::new(RateLimiter::direct(Quota::per_minute(quota)));
+                    map.insert(agent.to_owned(), (per_minute, limiter.clone()));
+                    limiter
+                }
+            }
+        };
+        limiter.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+        })
+    }
+
+    /// Takes a place among the agent's requests in flight, or `None` if `max` are.
+    pub fn enter(&self, agent: &str, max: u32) -> Option<Slot> {
+        let counter = lock(&self.in_flight)
+            .entry(agent.to_owned())
+            .or_default()
+            .clone();
+        let before = counter.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(counter);
+        (before < max).then_some(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_per_minute_allow_a_burst_then_say_when() {
+        let g = Guards::default();
+        for _ in 0..3 {
+            assert!(g.check_rate("a", 3).is_ok());
+        }
+        let wait = g.check_rate("a", 3).unwrap_err();
+        assert!((1..=20).contains(&wait), "{wait}");
+        assert!(g.check_rate("b", 3).is_ok(), "per agent");
+    }
+
+    #[test]
+    fn slots_are_given_back_when_dropped() {
+        let g = Guards::default();
+        let a = g.enter("a", 2).unwrap();
+        let _b = g.enter("a", 2).unwrap();
+        assert!(g.enter("a", 2).is_none());
+        drop(a);
+        assert!(g.enter("a", 2).is_some());
+    }
+}
