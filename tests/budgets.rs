@@ -586,3 +586,104 @@ async fn tokens_per_minute_are_reserved_like_a_budget() {
     );
     slow.into_body().collect().await.unwrap();
 }
+
+#[tokio::test]
+async fn kill_9_under_load_loses_no_settled_spend_and_charges_nothing_twice() {
+    let mock = Mock::start();
+    let budget = "[[agents.budgets]]\nperiod = \"total\"\ntokens = 100000000";
+    let config = budget_config(&mock, budget, "");
+    let proxy = Proxy::start(&config);
+    let url = proxy.url("/openai/v1/chat/completions");
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":50,"messages":[{"role":"user","content":"load"}]}"#;
+
+    // 40 streams of different lengths; the proxy dies while some are in flight.
+    let mut tasks = Vec::new();
+    for i in 0..40u64 {
+        let req = request(
+            "POST",
+            &url,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &bearer(KEY_A)),
+                ("x-mock-chunks", &(5 + i % 10).to_string()),
+                ("x-mock-delay-ms", &(10 * (i % 8)).to_string()),
+            ],
+            body,
+        );
+        tasks.push(tokio::spawn(async move {
+            let Ok(response) = client().request(req).await else {
+                return false;
+            };
+            let mut body = response.into_body();
+            loop {
+                match body.frame().await {
+                    None => return true,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => return false,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let data = proxy.dir.path().join("data");
+    let mut proc = proxy.proc;
+    std::process::Command::new("kill")
+        .args(["-9", &proc.pid().to_string()])
+        .status()
+        .unwrap();
+    proc.child.wait().unwrap();
+    let mut completed = 0;
+    for t in tasks {
+        completed += usize::from(t.await.unwrap());
+    }
+
+    // The chain verifies (a torn last line, if any, is cut at the next start).
+    let config2 = config.replace(
+        "[upstream]",
+        &format!("[storage]\ndir = \"{}\"\n[upstream]", data.display()),
+    );
+    let proxy = Proxy::start(&config2);
+    let lines = audit_lines_in(&data.join("audit"));
+    let out = std::process::Command::new(bin())
+        .args(["audit", "verify"])
+        .arg(data.join("audit"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Every settled request is in the log once; the completed ones with the exact usage
+    // the mock served.
+    let ok: Vec<&Value> = lines.iter().filter(|l| l["outcome"] == "ok").collect();
+    assert!(
+        ok.len() <= completed,
+        "{} settled ok, {completed} completed at the client",
+        ok.len()
+    );
+    let mut ids: Vec<&str> = lines
+        .iter()
+        .map(|l| l["request_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), lines.len(), "a request was written twice");
+    for line in &ok {
+        assert_eq!(line["estimated"], false);
+        assert!(
+            (5..=14).contains(&line["output_tokens"].as_u64().unwrap()),
+            "{line}"
+        );
+    }
+
+    // After the restart the ledger holds exactly what the log holds.
+    let spent = spent_tokens(&lines, "agent-a");
+    let metrics = proxy.metrics_text().await;
+    let want = format!(
+        "tokenwarden_budget_remaining{{agent=\"agent-a\",period=\"total\",team=\"\",unit=\"tokens\"}} {}",
+        100_000_000 - spent
+    );
+    assert!(metrics.contains(&want), "{want}\n{metrics}");
+}
