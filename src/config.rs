@@ -468,6 +468,12 @@ impl Config {
                     "agents[{i}].limits: every limit must be greater than 0"
                 ));
             }
+            if l.tokens_per_minute.is_some() && a.budgets.iter().any(|b| b.period == Period::Minute)
+            {
+                problems.push(format!(
+                    "agents[{i}].limits.tokens_per_minute: the agent also has a minute budget; keep one"
+                ));
+            }
             if a.max_tokens_cap == Some(0) {
                 problems.push(format!(
                     "agents[{i}].max_tokens_cap: must be greater than 0"

@@ -108,6 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Dropping the runtime ends what the grace period left open; those requests
             // settle now, and closing the audit log afterwards writes their records.
             drop(runtime);
+            state.settler.close();
             state.audit.close();
             Ok(())
         }

@@ -167,7 +167,11 @@ impl Metrics {
     /// The label for a model name: itself while fewer than the cap have been seen, else
     /// `other`. Names are also cut to 64 characters.
     pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
-        let model = model.get(..64).unwrap_or(model);
+        let mut end = model.len().min(64);
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        let model = &model[..end];
         let mut seen = self.models.lock().unwrap_or_else(|p| p.into_inner());
         if seen.contains(model) {
             return model;

@@ -687,3 +687,96 @@ async fn kill_9_under_load_loses_no_settled_spend_and_charges_nothing_twice() {
     );
     assert!(metrics.contains(&want), "{want}\n{metrics}");
 }
+
+#[tokio::test]
+async fn budgets_cannot_be_slipped_past() {
+    let mock = Mock::start();
+    let budget = "[[agents.budgets]]\nperiod = \"day\"\nusd = 1.0\ntokens = 1000";
+    let proxy = Proxy::start(&budget_config(&mock, budget, ""));
+    let auth = bearer(KEY_A);
+    let url = proxy.url("/openai/v1/chat/completions");
+    let headers = [("authorization", auth.as_str())];
+    let post = |body: &'static str| post_json(&url, &headers, body);
+
+    // A model without a price cannot be held to a dollar budget.
+    let (status, _, b) = post(r#"{"model":"free-llama","max_tokens":5,"messages":[]}"#).await;
+    assert_eq!(status, 403);
+    assert_eq!(json(&b)["error"]["code"], "model_not_allowed");
+    assert!(json(&b)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("has no price"));
+    // A body the proxy cannot read (here a duplicate key) cannot be held to a budget.
+    let (status, _, _) = post(r#"{"model":"gpt-4o-mini","model":"gpt-4o","max_tokens":5}"#).await;
+    assert_eq!(status, 400);
+    // Every choice may use the whole output limit: n = 100 does not fit 1000 tokens.
+    let (status, _, b) =
+        post(r#"{"model":"gpt-4o-mini","n":100,"max_tokens":10,"messages":[]}"#).await;
+    assert_eq!(status, 402, "{}", String::from_utf8_lossy(&b));
+    // A path spelled with encoded letters is refused, not metered as an unknown endpoint.
+    let (status, _, _) = post_json(
+        &proxy.url("/openai/v1/chat/completion%73"),
+        &[("authorization", &auth)],
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        mock.requests().await.is_empty(),
+        "nothing reached the provider"
+    );
+}
+
+#[tokio::test]
+async fn provider_errors_are_not_charged() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&budget_config(
+        &mock,
+        "[[agents.budgets]]\nperiod = \"day\"\ntokens = 100000",
+        "",
+    ));
+    let (status, _, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A)), ("x-mock-status", "429")],
+        r#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"a long prompt that would cost tokens"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 429);
+    let line = proxy.wait_for_audit_lines(1).await.remove(0);
+    assert_eq!(line["outcome"], "provider_error");
+    assert_eq!(line["input_tokens"], 0);
+    assert_eq!(line["estimated"], false);
+    let metrics = proxy.metrics_text().await;
+    assert!(metrics.contains(
+        "tokenwarden_budget_remaining{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"} 100000"
+    ));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_is_still_settled_and_audited() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&budget_config(
+        &mock,
+        "[[agents.budgets]]\nperiod = \"day\"\ntokens = 100000",
+        "",
+    ));
+    let req = request(
+        "POST",
+        &proxy.url("/openai/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &bearer(KEY_A)),
+            ("x-mock-first-byte-ms", "400"),
+        ],
+        r#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[]}"#,
+    );
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), client().request(req)).await;
+    assert!(gave_up.is_err(), "the client gave up before the answer");
+    let line = proxy.wait_for_audit_lines(1).await.remove(0);
+    assert_eq!(line["outcome"], "client_gone");
+    assert_eq!(line["agent"], "agent-a");
+    let metrics = proxy.metrics_text().await;
+    assert!(metrics.contains(
+        "tokenwarden_budget_reserved{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"} 0"
+    ));
+}

@@ -86,6 +86,8 @@ pub struct AuditSettings {
 struct Queue {
     pending: Vec<Record>,
     closing: bool,
+    /// The writer has stopped: nothing appended now would be written.
+    closed: bool,
 }
 
 struct Shared {
@@ -128,6 +130,7 @@ impl AuditLog {
             queue: Mutex::new(Queue {
                 pending: Vec::new(),
                 closing: false,
+                closed: false,
             }),
             wake: Condvar::new(),
             healthy: AtomicBool::new(true),
@@ -182,7 +185,9 @@ impl AuditLog {
     pub fn close(&self) {
         lock(&self.shared.queue).closing = true;
         self.shared.wake.notify_one();
-        if let Some(handle) = lock(&self.writer).take() {
+        // Take the handle out before joining: no lock is held while the writer finishes.
+        let handle = lock(&self.writer).take();
+        if let Some(handle) = handle {
             if handle.join().is_err() {
                 tracing::error!("the audit writer panicked");
             }

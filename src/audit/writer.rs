@@ -128,11 +128,13 @@ pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: Chain
                     .wait(queue)
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
             }
+            if queue.pending.is_empty() && queue.closing {
+                // Marked under the lock: nothing can be appended after the last batch.
+                queue.closed = true;
+                return;
+            }
             (std::mem::take(&mut queue.pending), queue.closing)
         };
-        if batch.is_empty() && closing {
-            return;
-        }
 
         let mut lines = Vec::with_capacity(batch.len());
         let mut prev = state.prev.clone();
@@ -156,11 +158,14 @@ pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: Chain
                         tracing::error!("{message}; refusing new requests until it recovers");
                     }
                     *lock(&shared.last_error) = Some(message);
+                    // Shutdown may begin while this batch is failing: look again each time.
+                    let closing = closing || lock(&shared.queue).closing;
                     if closing && tries >= RETRIES_AT_CLOSE {
                         tracing::error!(
                             lost = lines.len() - written,
                             "giving up on the audit log at shutdown"
                         );
+                        lock(&shared.queue).closed = true;
                         return;
                     }
                     std::thread::sleep(RETRY_AFTER);

@@ -65,6 +65,8 @@ pub struct UsageObserver {
     /// Bytes seen past the bound, counted roughly if an estimate is needed.
     unheld_bytes: usize,
     reported: Reported,
+    /// Count tokens when the provider reports none (off for error answers).
+    estimate: bool,
 }
 
 impl UsageObserver {
@@ -77,7 +79,15 @@ impl UsageObserver {
             held_bytes: 0,
             unheld_bytes: 0,
             reported: Reported::default(),
+            estimate: true,
         }
+    }
+
+    /// `false`: never estimate; usage is what the provider reported, or nothing. For
+    /// error answers, which providers do not bill.
+    pub fn estimating(mut self, estimate: bool) -> Self {
+        self.estimate = estimate;
+        self
     }
 
     /// Shows the observer the next frame of the response body.
@@ -100,6 +110,9 @@ impl UsageObserver {
     /// Whether the provider has not (yet) reported everything, so that `finish` would
     /// run the tokenizer.
     pub fn needs_estimate(&self) -> bool {
+        if !self.estimate {
+            return false;
+        }
         match self.endpoint {
             Endpoint::Other => false,
             // A whole body is read at the end; only its size can tell beforehand.
@@ -145,7 +158,8 @@ impl UsageObserver {
             input_seen,
             output_seen,
         } = self.reported;
-        if input_seen && (output_seen || self.endpoint == Endpoint::Embeddings) {
+        if !self.estimate || (input_seen && (output_seen || self.endpoint == Endpoint::Embeddings))
+        {
             return Metered {
                 usage,
                 estimated: false,

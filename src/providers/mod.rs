@@ -37,6 +37,8 @@ pub enum ErrorClass {
     PermissionDenied,
     /// Too many requests or tokens this minute, or too many at once (429).
     RateLimited,
+    /// A fault of the proxy itself (500).
+    Internal,
 }
 
 impl ErrorClass {
@@ -52,6 +54,7 @@ impl ErrorClass {
             ErrorClass::BudgetExhausted => StatusCode::PAYMENT_REQUIRED,
             ErrorClass::PermissionDenied => StatusCode::FORBIDDEN,
             ErrorClass::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -91,6 +94,11 @@ pub struct RequestFields<'a> {
     pub max_completion_tokens: Option<u64>,
     #[serde(default)]
     pub max_output_tokens: Option<u64>,
+    /// Choices per request (chat, legacy completions): each may use the output limit.
+    #[serde(default)]
+    pub n: Option<u64>,
+    #[serde(default)]
+    pub best_of: Option<u64>,
 }
 
 impl RequestFields<'_> {
@@ -98,6 +106,11 @@ impl RequestFields<'_> {
     pub fn wants_usage_injected(&self) -> bool {
         self.stream == Some(true)
             && self.stream_options.as_ref().and_then(|o| o.include_usage) != Some(true)
+    }
+
+    /// How many completions the request asks for; each may use the whole output limit.
+    pub fn choices(&self) -> u64 {
+        self.n.unwrap_or(1).max(self.best_of.unwrap_or(1)).max(1)
     }
 
     /// The output limit the request sets for `endpoint`, and the field that carries it

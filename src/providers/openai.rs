@@ -18,6 +18,7 @@ pub fn error_body(class: ErrorClass, message: &str) -> Bytes {
         ErrorClass::BudgetExhausted => ("insufficient_quota", "budget_exceeded"),
         ErrorClass::PermissionDenied => ("invalid_request_error", "model_not_allowed"),
         ErrorClass::RateLimited => ("rate_limit_exceeded", "rate_limit_exceeded"),
+        ErrorClass::Internal => ("server_error", "internal_error"),
     };
     let body = json!({
         "error": { "message": message, "type": kind, "param": null, "code": code }

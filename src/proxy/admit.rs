@@ -132,6 +132,8 @@ pub struct Admitted {
 /// What one request needs from admission.
 pub struct Request<'a> {
     pub agent: &'a str,
+    /// The body parsed as JSON (a budget cannot be enforced on a body it cannot read).
+    pub readable: bool,
     pub model: &'a str,
     pub endpoint: Endpoint,
     pub fields: &'a RequestFields<'a>,
@@ -203,6 +205,15 @@ pub fn admit(
         });
     }
 
+    if !policy.limits.is_empty() {
+        if !req.readable {
+            return Err(ProxyError::Unreadable);
+        }
+        if req.price.is_none() && policy.limits.iter().any(|l| l.nanos.is_some()) {
+            return Err(ProxyError::Unpriced(req.model.to_owned()));
+        }
+    }
+
     // No tokenizer pass: a token is at least one byte, so the body's length bounds it.
     let input_tokens = req.body.len() as u64;
     let (input_price, output_price) = req.price.map_or((0.0, 0.0), |p| {
@@ -236,7 +247,8 @@ pub fn admit(
             MissingMaxTokens::Clamp => {
                 let affordable = ledger
                     .affordable_output(&policy.limits, input, output_price)
-                    .unwrap_or(u64::MAX);
+                    .unwrap_or(u64::MAX)
+                    / req.fields.choices();
                 // Never everything the budget affords: one request would hold the whole
                 // budget and every concurrent one would be refused.
                 let ceiling = cap.unwrap_or(config.budgets.default_reserve_output_tokens);
@@ -265,9 +277,11 @@ pub fn admit(
         None
     };
     let remaining = ledger.remaining(policy.budgets());
+    // Every choice (`n`, `best_of`) may use the whole output limit.
+    let all_output = output.saturating_mul(req.fields.choices());
     let worst = Amount {
-        tokens: input.tokens + output,
-        nanos: input.nanos + (output as f64 * output_price).ceil() as u64,
+        tokens: input.tokens + all_output,
+        nanos: input.nanos + (all_output as f64 * output_price).ceil() as u64,
     };
     let reservation = if policy.limits.is_empty() {
         None

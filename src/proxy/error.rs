@@ -41,6 +41,12 @@ pub enum ProxyError {
     ModelNotAllowed(String),
     #[error("set {0}: a budget applies and this proxy refuses requests without an output limit")]
     OutputLimitRequired(&'static str),
+    #[error("internal error")]
+    Internal,
+    #[error("model {0:?} has no price, so the agent's dollar budget cannot be enforced; add [pricing.\"{0}\"]")]
+    Unpriced(String),
+    #[error("the request body is not JSON the proxy can read, and a budget applies to this agent")]
+    Unreadable,
     #[error("{what}; retry in {retry_after} s")]
     RateLimited {
         what: String,
@@ -69,6 +75,9 @@ impl ProxyError {
             ProxyError::ModelNotAllowed(_) => ErrorClass::PermissionDenied,
             ProxyError::OutputLimitRequired(_) => ErrorClass::InvalidRequest,
             ProxyError::RateLimited { .. } => ErrorClass::RateLimited,
+            ProxyError::Internal => ErrorClass::Internal,
+            ProxyError::Unpriced(_) => ErrorClass::PermissionDenied,
+            ProxyError::Unreadable => ErrorClass::InvalidRequest,
         }
     }
 
@@ -101,6 +110,9 @@ impl ProxyError {
             ProxyError::ModelNotAllowed(_) => "model_not_allowed",
             ProxyError::OutputLimitRequired(_) => "output_limit_required",
             ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::Internal => "internal",
+            ProxyError::Unpriced(_) => "unpriced_model",
+            ProxyError::Unreadable => "unreadable_body",
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod headers;
 pub mod settle;
 pub mod strip;
 pub mod tap;
+pub mod upload;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +18,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, Request, Response};
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -40,10 +41,11 @@ use error::{error_response, ProxyError, REQUEST_ID_HEADER};
 use settle::Settlement;
 use strip::StripUsage;
 use tap::{StreamLimits, TapBody};
+use upload::{TooLarge, Upload};
 
 /// What the proxy sends upstream: a body read whole (JSON, which the proxy may need to
 /// read) or a streamed one (uploads), both bounded by `max_body_bytes`.
-pub type UpstreamBody = Either<Full<Bytes>, Limited<Incoming>>;
+pub type UpstreamBody = Either<Full<Bytes>, Upload>;
 /// What the proxy answers: a tapped provider response or an error it made itself.
 pub type ResponseBody = Either<Either<Tapped, StripUsage<Tapped>>, Full<Bytes>>;
 /// A provider's response body on its way to the client.
@@ -90,6 +92,8 @@ pub struct AppState {
     pub ledger: Arc<Ledger>,
     /// So do rate limits.
     pub guards: Guards,
+    /// Runs settlements that count tokens, off the async workers.
+    pub settler: settle::Settler,
     /// Set when shutdown begins; `/readyz` then answers 503.
     pub draining: AtomicBool,
 }
@@ -109,6 +113,7 @@ impl AppState {
             audit,
             ledger,
             guards: Guards::default(),
+            settler: settle::Settler::start(),
             draining: AtomicBool::new(false),
         }
     }
@@ -151,14 +156,35 @@ fn new_request_id() -> HeaderValue {
 }
 
 /// Serves one request from a client.
+///
+/// The request runs in a task of its own: a client that goes away before the response
+/// headers must not cancel it halfway, which would lose its spend and its audit record.
+/// The task finishes; dropping its response then settles it as `client_gone`.
 pub async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
     client_addr: SocketAddr,
 ) -> Response<ResponseBody> {
+    let request_id = new_request_id();
+    let task = tokio::spawn(serve(state, req, client_addr, request_id.clone()));
+    match task.await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "request task failed");
+            error_response(ProviderKind::OpenAi, &ProxyError::Internal, &request_id)
+        }
+    }
+}
+
+async fn serve(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    client_addr: SocketAddr,
+    request_id: HeaderValue,
+) -> Response<ResponseBody> {
     let meta = RequestMeta {
         started: Instant::now(),
-        request_id: new_request_id(),
+        request_id,
         method: req.method().clone(),
         path: req.uri().path().to_owned(),
         client_addr,
@@ -253,13 +279,14 @@ async fn forward(
 
     let (mut parts, body) = req.into_parts();
     let limit = live.config.server.max_body_bytes;
-    let (body, json) = read_body(&parts.headers, body, limit)
+    let (body, json, rest) = read_body(&parts.headers, body, limit)
         .await
         .map_err(&reject)?;
-    let fields = json
+    let parsed = json
         .as_deref()
-        .and_then(|b| serde_json::from_slice::<RequestFields<'_>>(b).ok())
-        .unwrap_or_default();
+        .and_then(|b| serde_json::from_slice::<RequestFields<'_>>(b).ok());
+    let readable = parsed.is_some();
+    let fields = parsed.unwrap_or_default();
     let model = fields.model.as_deref().unwrap_or_default().to_owned();
     let reject = |error: ProxyError| Rejected {
         model: Some(model.clone()),
@@ -275,6 +302,7 @@ async fn forward(
         &live.config,
         admit::Request {
             agent: &agent.id,
+            readable,
             model: &model,
             endpoint,
             fields: &fields,
@@ -300,6 +328,11 @@ async fn forward(
             injected = true;
         }
     }
+    if injected {
+        // The usage chunk must be removed from the stream on its way back, which needs
+        // the stream uncompressed: ask for it so (identity is always acceptable).
+        parts.headers.remove(http::header::ACCEPT_ENCODING);
+    }
     let mut body = body;
     if let Some(new_body) = &upstream_json {
         parts
@@ -324,7 +357,11 @@ async fn forward(
     {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
-            return Err(reject(classify_upstream_error(&e, provider, limit)));
+            let error = classify_upstream_error(&e, provider, limit);
+            if let (ProxyError::BodyTooLarge { .. }, Some(rest)) = (&error, rest) {
+                rest.drain(limit);
+            }
+            return Err(reject(error));
         }
         Err(_) => {
             return Err(reject(ProxyError::FirstByteTimeout {
@@ -344,7 +381,11 @@ async fn forward(
         .headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let strip = injected && sse && parts.status.is_success();
+    let compressed = parts
+        .headers
+        .get(http::header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let strip = injected && sse && parts.status.is_success() && !compressed;
     insert_remaining(&mut parts.headers, admitted.remaining);
     if strip {
         parts.headers.remove(CONTENT_LENGTH);
@@ -356,6 +397,7 @@ async fn forward(
         request_id: meta.request_id.clone(),
         price,
         reservation: admitted.reservation,
+        settler: state.settler.sender(),
         slot: admitted.slot,
         agent,
         provider: provider.name.clone(),
@@ -366,7 +408,9 @@ async fn forward(
         status: parts.status.as_u16(),
         client_addr: meta.client_addr,
         request: json.unwrap_or_default(),
-        observer: UsageObserver::new(endpoint, sse),
+        // A provider's error answer is not billed: its usage counts if reported, and is
+        // never estimated.
+        observer: UsageObserver::new(endpoint, sse).estimating(parts.status.is_success()),
         decoder: parts
             .headers
             .get(http::header::CONTENT_ENCODING)
@@ -417,7 +461,7 @@ async fn read_body(
     headers: &HeaderMap,
     body: Incoming,
     limit: u64,
-) -> Result<(UpstreamBody, Option<Bytes>), ProxyError> {
+) -> Result<(UpstreamBody, Option<Bytes>, Option<upload::Rest>), ProxyError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -425,17 +469,19 @@ async fn read_body(
     if declared.is_some_and(|len| len > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    let limited = Limited::new(body, limit_usize);
+    let (upload, rest) = Upload::new(body, limit);
     if !is_json(headers) {
-        return Ok((Either::Right(limited), None));
+        return Ok((Either::Right(upload), None, Some(rest)));
     }
-    match limited.collect().await {
+    match upload.collect().await {
         Ok(collected) => {
             let bytes = collected.to_bytes();
-            Ok((Either::Left(Full::new(bytes.clone())), Some(bytes)))
+            Ok((Either::Left(Full::new(bytes.clone())), Some(bytes), None))
         }
-        Err(e) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Err(e) if e.is::<TooLarge>() => {
+            rest.drain(limit);
+            Err(ProxyError::BodyTooLarge { limit })
+        }
         Err(_) => Err(ProxyError::BodyRead),
     }
 }
@@ -472,9 +518,21 @@ fn is_dot_segment(mut segment: &[u8]) -> bool {
     (1..=2).contains(&dots)
 }
 
+/// An encoded slash or backslash, or an encoded character that never needs encoding
+/// (letters, digits, `-._~`): no SDK sends those, and an upstream that decodes them
+/// would see another path than the one the proxy routed and metered.
 fn contains_encoded_separator(segment: &[u8]) -> bool {
     segment.windows(3).any(|w| {
-        w[0] == b'%' && (w[1..].eq_ignore_ascii_case(b"2f") || w[1..].eq_ignore_ascii_case(b"5c"))
+        if w[0] != b'%' {
+            return false;
+        }
+        let Some(c) = std::str::from_utf8(&w[1..])
+            .ok()
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+        else {
+            return false;
+        };
+        c == b'/' || c == b'\\' || c.is_ascii_alphanumeric() || b"-._~".contains(&c)
     })
 }
 
@@ -485,7 +543,7 @@ fn classify_upstream_error(
 ) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
-        if e.is::<LengthLimitError>() {
+        if e.is::<TooLarge>() {
             return ProxyError::BodyTooLarge { limit };
         }
         source = e.source();
@@ -528,6 +586,7 @@ mod tests {
             "/./v1",
             "/v1%2F..%2Fadmin",
             "/v1/a%5cb",
+            "/v1/chat/completion%73",
         ] {
             assert!(is_unsafe_path(bad), "{bad}");
         }

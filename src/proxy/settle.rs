@@ -5,7 +5,8 @@
 //! estimate over a large body runs on the blocking pool, never on a tokio worker.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,6 +39,8 @@ pub struct Settlement {
     pub reservation: Option<Reservation>,
     /// The agent's place among its requests in flight, given back at the end.
     pub slot: Option<Slot>,
+    /// Where a settlement that counts tokens is sent; `None` once shut down.
+    pub settler: Option<Sender<Job>>,
     pub method: http::Method,
     pub path: String,
     pub status: u16,
@@ -74,13 +77,66 @@ impl Observer for Settlement {
         self.metrics.active_streams.dec();
         let duration = self.started.elapsed();
         // Counting tokens is CPU work of unknown size (and the first count builds the
-        // tokenizer): it goes to the blocking pool, so it never holds up a worker that
+        // tokenizer): it goes to the settler thread, so it never holds up a worker that
         // the rest of this connection, or any other, is waiting for.
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if self.observer.needs_estimate() => {
-                runtime.spawn_blocking(move || self.settle(end, duration));
+        if self.observer.needs_estimate() {
+            if let Some(settler) = self.settler.clone() {
+                let job: Job = Box::new(move || self.settle(end, duration));
+                if let Err(std::sync::mpsc::SendError(job)) = settler.send(job) {
+                    job();
+                }
+                return;
             }
-            _ => self.settle(end, duration),
+        }
+        self.settle(end, duration);
+    }
+}
+
+/// A settlement waiting for the settler thread.
+pub type Job = Box<dyn FnOnce() + Send>;
+
+/// One thread that runs settlements needing the tokenizer. It is joined at shutdown
+/// after the async runtime is gone, so a stream cut by the end of the grace period is
+/// still counted and audited (a blocking-pool task would be cancelled then).
+pub struct Settler {
+    tx: Mutex<Option<Sender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Settler {
+    pub fn start() -> Settler {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("settler".into())
+            .spawn(move || {
+                // Ends when every sender is gone: the state's and every settlement's.
+                for job in rx {
+                    job();
+                }
+            })
+            .map_err(
+                |e| tracing::error!(error = %e, "cannot start the settler thread; settling inline"),
+            )
+            .ok();
+        Settler {
+            tx: Mutex::new(thread.as_ref().map(|_| tx)),
+            thread: Mutex::new(thread),
+        }
+    }
+
+    pub fn sender(&self) -> Option<Sender<Job>> {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Runs every queued settlement and stops the thread. Call after the runtime is
+    /// dropped, so no settlement can still be in flight.
+    pub fn close(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("the settler thread panicked");
+            }
         }
     }
 }
@@ -224,9 +280,9 @@ pub fn reject(state: &AppState, meta: &RequestMeta, rejected: Rejected) {
     } = rejected;
     let status = error.class().status().as_u16();
     let outcome = error.outcome();
-    let model_label = state
-        .metrics
-        .model_label(model.as_deref().filter(|m| !m.is_empty()).unwrap_or("none"));
+    // A refused request's model name is whatever the client sent: it takes no place
+    // among the bounded model labels.
+    let model_label = "none";
     let agent_label = agent.as_ref().map_or("unknown", |a| a.id.as_str());
     state
         .metrics
