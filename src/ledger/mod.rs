@@ -154,6 +154,22 @@ pub struct Ledger {
     accounts: Mutex<HashMap<BudgetKey, Account>>,
     clock: Arc<dyn Clock>,
     tz: TimeZone,
+    /// The current window of each period, computed once and reused until it ends: the
+    /// calendar arithmetic costs microseconds, a request needs it several times.
+    windows: Mutex<[Option<(i64, Option<i64>)>; PERIODS]>,
+}
+
+const PERIODS: usize = 6;
+
+fn period_index(p: Period) -> usize {
+    match p {
+        Period::Minute => 0,
+        Period::Hour => 1,
+        Period::Day => 2,
+        Period::Week => 3,
+        Period::Month => 4,
+        Period::Total => 5,
+    }
 }
 
 impl Ledger {
@@ -162,12 +178,28 @@ impl Ledger {
             accounts: Mutex::new(HashMap::new()),
             clock,
             tz,
+            windows: Mutex::new([None; PERIODS]),
         })
     }
 
     /// The ledger's clock.
     pub fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// The window of `period` containing `now`, from the cache while it lasts.
+    fn window(&self, period: Period, now: Timestamp) -> (i64, Option<i64>) {
+        let mut cache = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = &mut cache[period_index(period)];
+        let second = now.as_second();
+        if let Some((start, end)) = *slot {
+            if second >= start && end.is_none_or(|end| second < end) {
+                return (start, end);
+            }
+        }
+        let fresh = period.window(now, &self.tz);
+        *slot = Some(fresh);
+        fresh
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BudgetKey, Account>> {
@@ -199,7 +231,7 @@ impl Ledger {
         let now = self.clock.now();
         let mut accounts = self.lock();
         for limit in limits {
-            let (window, resets_at) = limit.key.period.window(now, &self.tz);
+            let (window, resets_at) = self.window(limit.key.period, now);
             let account = Self::account(&mut accounts, &limit.key, window);
             let checks = [
                 (
@@ -256,7 +288,7 @@ impl Ledger {
         let mut least: Option<u64> = None;
         let mut bound = |n: u64| least = Some(least.map_or(n, |l| l.min(n)));
         for limit in limits {
-            let (window, _) = limit.key.period.window(now, &self.tz);
+            let (window, _) = self.window(limit.key.period, now);
             let account = Self::account(&mut accounts, &limit.key, window);
             if let Some(max) = limit.tokens {
                 let used = account.spent.tokens + account.reserved.tokens + input.tokens;
@@ -280,7 +312,7 @@ impl Ledger {
         let mut accounts = self.lock();
         let (mut nanos, mut tokens): (Option<u64>, Option<u64>) = (None, None);
         for limit in limits {
-            let (window, _) = limit.key.period.window(now, &self.tz);
+            let (window, _) = self.window(limit.key.period, now);
             let account = Self::account(&mut accounts, &limit.key, window);
             if let Some(max) = limit.nanos {
                 let left = max.saturating_sub(account.spent.nanos);
@@ -300,7 +332,7 @@ impl Ledger {
         let now = self.clock.now();
         let mut accounts = self.lock();
         for key in keys {
-            let (window, _) = key.period.window(now, &self.tz);
+            let (window, _) = self.window(key.period, now);
             if key.period.window(at, &self.tz).0 != window {
                 continue;
             }
@@ -318,7 +350,7 @@ impl Ledger {
         let mut out: Vec<(BudgetKey, Account)> = keys
             .into_iter()
             .map(|key| {
-                let (window, _) = key.period.window(now, &self.tz);
+                let (window, _) = self.window(key.period, now);
                 let account = *Self::account(&mut accounts, &key, window);
                 (key, account)
             })
@@ -331,7 +363,7 @@ impl Ledger {
         let now = self.clock.now();
         let mut accounts = self.lock();
         for key in keys {
-            let (window, _) = key.period.window(now, &self.tz);
+            let (window, _) = self.window(key.period, now);
             let account = Self::account(&mut accounts, key, window);
             account.reserved.tokens = account.reserved.tokens.saturating_sub(worst.tokens);
             account.reserved.nanos = account.reserved.nanos.saturating_sub(worst.nanos);
