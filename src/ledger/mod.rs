@@ -156,8 +156,11 @@ pub struct Ledger {
     tz: TimeZone,
     /// The current window of each period, computed once and reused until it ends: the
     /// calendar arithmetic costs microseconds, a request needs it several times.
-    windows: Mutex<[Option<(i64, Option<i64>)>; PERIODS]>,
+    windows: Mutex<[Option<Window>; PERIODS]>,
 }
+
+/// A period's window: its start and, unless it never ends, its end (Unix seconds).
+type Window = (i64, Option<i64>);
 
 const PERIODS: usize = 6;
 
@@ -188,7 +191,7 @@ impl Ledger {
     }
 
     /// The window of `period` containing `now`, from the cache while it lasts.
-    fn window(&self, period: Period, now: Timestamp) -> (i64, Option<i64>) {
+    fn window(&self, period: Period, now: Timestamp) -> Window {
         let mut cache = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         let slot = &mut cache[period_index(period)];
         let second = now.as_second();
