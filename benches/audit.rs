@@ -51,6 +51,7 @@ fn bench(c: &mut Criterion) {
                     AuditSettings {
                         dir: dir.path().to_path_buf(),
                         max_file_bytes: 64 << 20,
+                        commit_interval: std::time::Duration::from_millis(5),
                         hmac_key: None,
                     },
                     records.clone(),

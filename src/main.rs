@@ -229,6 +229,7 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
         AuditSettings {
             dir: live.config.storage.dir.join("audit"),
             max_file_bytes: live.config.audit.max_file_bytes,
+            commit_interval: live.config.audit.commit_interval,
             hmac_key: audit_key(&live.config)?,
         },
         metrics.audit_records.clone(),

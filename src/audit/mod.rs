@@ -80,6 +80,9 @@ pub fn now_rfc3339() -> String {
 pub struct AuditSettings {
     pub dir: PathBuf,
     pub max_file_bytes: u64,
+    /// After the first record of a batch, the writer waits this long for more before it
+    /// writes and fsyncs them together: one disk flush per interval, not per request.
+    pub commit_interval: std::time::Duration,
     pub hmac_key: Option<Secret<Vec<u8>>>,
 }
 
@@ -251,6 +254,7 @@ mod tests {
         let settings = AuditSettings {
             dir: dir.to_path_buf(),
             max_file_bytes,
+            commit_interval: std::time::Duration::from_millis(1),
             hmac_key: key.map(|k| Secret::new(k.to_vec())),
         };
         AuditLog::open(settings, counter("records"), counter("errors")).unwrap()

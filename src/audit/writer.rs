@@ -128,6 +128,12 @@ pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: Chain
                     .wait(queue)
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
             }
+            if !queue.closing && !settings.commit_interval.is_zero() {
+                // Let the group grow: under load one fsync covers many requests.
+                drop(queue);
+                std::thread::sleep(settings.commit_interval);
+                queue = lock(&shared.queue);
+            }
             if queue.pending.is_empty() && queue.closing {
                 // Marked under the lock: nothing can be appended after the last batch.
                 queue.closed = true;
