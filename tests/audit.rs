@@ -145,10 +145,7 @@ async fn verify_finds_an_edited_line_and_restarts_continue_the_chain() {
         .unwrap();
     proc.child.wait().unwrap();
     let data = dir.path().join("data");
-    let config2 = config.replace(
-        "[upstream]",
-        &format!("[storage]\ndir = \"{}\"\n[upstream]", data.display()),
-    );
+    let config2 = with_storage(&config, &data);
     let proxy = Proxy::start(&config2);
     let (status, _, _) = get(
         &proxy.url("/openai/v1/models"),

@@ -172,13 +172,7 @@ async fn a_team_budget_is_shared_and_spend_survives_a_restart() {
     )
     .await;
     assert_eq!(status, 200);
-    let after_one: f64 = h
-        .get("x-tokenwarden-budget-remaining-usd")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let after_one: f64 = header_num(&h, "x-tokenwarden-budget-remaining-usd");
     assert!(
         after_one < 0.0001,
         "agent-b sees agent-a's spend: {after_one}"
@@ -209,10 +203,7 @@ async fn a_team_budget_is_shared_and_spend_survives_a_restart() {
         .status()
         .unwrap();
     proc.child.wait().unwrap();
-    let config2 = config.replace(
-        "[upstream]",
-        &format!("[storage]\ndir = \"{}\"\n[upstream]", data.display()),
-    );
+    let config2 = with_storage(&config, &data);
     let proxy = Proxy::start(&config2);
     let (status, h, _) = post_json(
         &proxy.url("/openai/v1/chat/completions"),
@@ -221,13 +212,7 @@ async fn a_team_budget_is_shared_and_spend_survives_a_restart() {
     )
     .await;
     assert_eq!(status, 200);
-    let remaining: f64 = h
-        .get("x-tokenwarden-budget-remaining-usd")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let remaining: f64 = header_num(&h, "x-tokenwarden-budget-remaining-usd");
     assert!(
         (remaining - (0.0001 - spent)).abs() < 1e-6,
         "{remaining} vs {} ({before_restart} before)",
@@ -512,13 +497,7 @@ async fn rate_limits_answer_429_with_retry_after() {
     )
     .await;
     assert_eq!(status, 429);
-    let retry: u64 = h
-        .get("retry-after")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry: u64 = header_num(&h, "retry-after");
     assert!((1..=60).contains(&retry), "{retry}");
     assert_eq!(json(&b)["error"]["type"], "rate_limit_error");
     // Another agent is not limited.
@@ -568,13 +547,7 @@ async fn tokens_per_minute_are_reserved_like_a_budget() {
     )
     .await;
     assert_eq!(status, 429, "{}", String::from_utf8_lossy(&b));
-    let retry: u64 = h
-        .get("retry-after")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry: u64 = header_num(&h, "retry-after");
     assert!((1..=60).contains(&retry));
     assert!(json(&b)["error"]["message"]
         .as_str()
@@ -638,10 +611,7 @@ async fn kill_9_under_load_loses_no_settled_spend_and_charges_nothing_twice() {
     }
 
     // The chain verifies (a torn last line, if any, is cut at the next start).
-    let config2 = config.replace(
-        "[upstream]",
-        &format!("[storage]\ndir = \"{}\"\n[upstream]", data.display()),
-    );
+    let config2 = with_storage(&config, &data);
     let proxy = Proxy::start(&config2);
     let lines = audit_lines_in(&data.join("audit"));
     let out = std::process::Command::new(bin())

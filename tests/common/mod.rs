@@ -342,6 +342,25 @@ pub fn json(body: &[u8]) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
 }
 
+/// `config` with its data directory set to `data`, to restart a proxy on the same state.
+pub fn with_storage(config: &str, data: &Path) -> String {
+    config.replace(
+        "[upstream]",
+        &format!("[storage]\ndir = \"{}\"\n[upstream]", data.display()),
+    )
+}
+
+/// A numeric response header, parsed.
+pub fn header_num<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> T {
+    headers
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is not a number"))
+}
+
 pub fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
