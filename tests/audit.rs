@@ -112,8 +112,9 @@ async fn every_request_is_one_chained_line_without_secrets() {
     ] {
         assert!(!raw.contains(secret), "{secret} leaked into the audit log");
     }
-    let m = get(&proxy.admin_url("/metrics"), &[]).await.2;
-    assert!(String::from_utf8_lossy(&m).contains("tokenwarden_audit_records_total 2"));
+    proxy
+        .wait_for_metric("tokenwarden_audit_records_total 2")
+        .await;
 
     let (ok, text) = verify(&proxy);
     assert!(ok, "{text}");

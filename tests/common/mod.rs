@@ -233,6 +233,20 @@ impl Proxy {
         String::from_utf8(body.to_vec()).unwrap()
     }
 
+    /// Waits until the metrics page holds the line `sample` (a counter the audit writer
+    /// bumps after its fsync can trail the line it just made visible in the file).
+    pub async fn wait_for_metric(&self, sample: &str) -> String {
+        let mut text = String::new();
+        for _ in 0..250 {
+            text = self.metrics_text().await;
+            if text.lines().any(|l| l == sample) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{sample:?} never appeared in the metrics:\n{text}");
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
     }
