@@ -13,7 +13,7 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<B
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => {
-            update_budget_gauges(state);
+            update_budget_gauges(state).await;
             let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
             response.headers_mut().insert(
                 CONTENT_TYPE,
@@ -39,12 +39,27 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     response
 }
 
-/// Sets the budget gauges from the ledger, at scrape time (nothing on the request path).
-fn update_budget_gauges(state: &AppState) {
+/// Sets the budget gauges from the ledger (or Redis), at scrape time: nothing on the
+/// request path. When Redis cannot be read, the gauges keep their last values.
+async fn update_budget_gauges(state: &AppState) {
     let live = state.live.load();
-    let accounts: std::collections::HashMap<_, _> = state.ledger.accounts().into_iter().collect();
+    let limits = live.policies.all_limits();
+    let accounts = match &state.redis {
+        None => state.ledger.accounts(),
+        Some(redis) => {
+            let (limits, tags): (Vec<_>, Vec<_>) = limits.iter().cloned().unzip();
+            match redis.accounts(&limits, &tags).await {
+                Ok(accounts) => accounts,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read budgets from Redis for the metrics");
+                    return;
+                }
+            }
+        }
+    };
+    let accounts: std::collections::HashMap<_, _> = accounts.into_iter().collect();
     let metrics = &state.metrics;
-    for limit in live.policies.all_limits() {
+    for (limit, _) in limits {
         let account = accounts.get(&limit.key).copied().unwrap_or_default();
         let (agent, team) = match limit.key.scope {
             Scope::Agent => (&*limit.key.id, ""),

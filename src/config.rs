@@ -152,11 +152,25 @@ pub struct StorageConfig {
     /// Where the audit log and ledger snapshots live. Relative paths are taken from the
     /// directory of the config file.
     pub dir: PathBuf,
+    /// `redis://host:port/db`: budgets, rate limits and requests in flight are kept in
+    /// Redis and shared by every replica that names it. No password here: see
+    /// `redis_password_env`.
+    pub redis_url: Option<String>,
+    /// Environment variable holding the Redis password, if it needs one.
+    pub redis_password_env: Option<String>,
+    /// Longest wait for Redis before a request of a limited agent is refused (503).
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { dir: "data".into() }
+        StorageConfig {
+            dir: "data".into(),
+            redis_url: None,
+            redis_password_env: None,
+            redis_timeout: Duration::from_millis(500),
+        }
     }
 }
 
@@ -379,6 +393,30 @@ impl Config {
                 "audit.commit_interval".into(),
                 "at most 1s (records wait this long for the disk)",
             );
+        }
+        if let Some(url) = &self.storage.redis_url {
+            match redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                Err(_) => bad(
+                    "storage.redis_url".into(),
+                    "expected a URL like redis://127.0.0.1:6379/0",
+                ),
+                Ok(info) if info.redis_settings().password().is_some() => bad(
+                    "storage.redis_url".into(),
+                    "holds a password: put it in the variable named by storage.redis_password_env",
+                ),
+                Ok(_) => {}
+            }
+        }
+        if let Some(env) = &self.storage.redis_password_env {
+            if !is_env_name(env) {
+                bad(
+                    "storage.redis_password_env".into(),
+                    "not a valid environment variable name",
+                );
+            }
+        }
+        if self.storage.redis_timeout.is_zero() {
+            bad("storage.redis_timeout".into(), "must be greater than 0");
         }
         if self.audit.max_file_bytes < 4096 {
             bad("audit.max_file_bytes".into(), "must be at least 4096");

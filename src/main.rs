@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokenwarden::audit::{self, AuditLog, AuditSettings};
 use tokenwarden::config::Config;
-use tokenwarden::ledger::{Ledger, SystemClock};
+use tokenwarden::ledger::redis::{RedisLedger, RedisSettings};
+use tokenwarden::ledger::{Calendar, Ledger, SystemClock};
 use tokenwarden::proxy::{AppState, Live};
 use tokenwarden::secret::Secret;
 use tokenwarden::server::{self, Listeners};
@@ -247,14 +248,44 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
         listeners.admin.local_addr()?
     ));
     let tz = jiff::tz::TimeZone::get(&live.config.budgets.timezone)?;
-    let ledger = Ledger::new(tz, Arc::new(SystemClock));
+    let ledger = Ledger::new(tz.clone(), Arc::new(SystemClock));
     let replayed = live
         .policies
         .replay_audit(&ledger, &live.config.storage.dir.join("audit"))?;
     tracing::info!(replayed, "budgets rebuilt from the audit log");
-    let state = Arc::new(AppState::new(live, metrics, audit, ledger));
+    let redis = redis_ledger(&live.config, &tz)?;
+    let state = Arc::new(AppState::new(live, metrics, audit, ledger, redis));
     server::run(state.clone(), listeners, shutdown_signal()).await?;
+    if let Some(redis) = &state.redis {
+        redis.close(std::time::Duration::from_secs(5)).await;
+    }
     Ok(state)
+}
+
+/// The Redis store, when `storage.redis_url` is set.
+fn redis_ledger(
+    config: &Config,
+    tz: &jiff::tz::TimeZone,
+) -> anyhow::Result<Option<Arc<RedisLedger>>> {
+    let Some(url) = &config.storage.redis_url else {
+        return Ok(None);
+    };
+    let password = match &config.storage.redis_password_env {
+        None => None,
+        Some(env) => Some(
+            std::env::var(env)
+                .map_err(|_| anyhow::anyhow!("storage.redis_password_env: {env} is not set"))?,
+        ),
+    };
+    let settings = RedisSettings {
+        url: url.clone(),
+        password,
+        timeout: config.storage.redis_timeout,
+        // A hold lasts as long as its request may, plus time to settle it.
+        hold: config.upstream.total_timeout + std::time::Duration::from_secs(30),
+    };
+    let calendar = Calendar::new(tz.clone(), Arc::new(SystemClock));
+    Ok(Some(RedisLedger::connect(&settings, calendar)?))
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -7,6 +7,7 @@
 //! so no way a request ends can leak one. Money is kept in integer nano-dollars.
 
 pub mod period;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -137,6 +138,122 @@ pub struct Account {
     pub reserved: Amount,
 }
 
+/// How a request's output is bounded when it is admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// The request's own limit (or the cap it was clamped to).
+    Fixed(u64),
+    /// No limit was sent: take what every budget still affords, at most `ceiling`, so
+    /// that one call cannot overrun and cannot hold the whole budget either.
+    Clamp { ceiling: u64 },
+}
+
+/// What a request asks of its budgets.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    /// The bound of its input: tokens, and their price.
+    pub input: Amount,
+    pub output: Output,
+    /// Completions asked for (`n`, `best_of`): each may use the whole output limit.
+    pub choices: u64,
+    pub nanos_per_output_token: f64,
+}
+
+impl Ask {
+    /// The worst case with `output` tokens per choice.
+    pub fn worst(&self, output: u64) -> Amount {
+        let all = output.saturating_mul(self.choices.max(1));
+        Amount {
+            tokens: self.input.tokens.saturating_add(all),
+            nanos: self
+                .input
+                .nanos
+                .saturating_add((all as f64 * self.nanos_per_output_token).ceil() as u64),
+        }
+    }
+
+    /// The output limit to send: the request's own, or the clamp given what each budget
+    /// has left (`left` yields, per limit, the tokens and nano-dollars not yet spent or
+    /// reserved, `None` for a unit it does not bound). Never zero: a request that cannot
+    /// afford one token is refused by the check that follows.
+    pub fn output_limit(&self, left: impl Iterator<Item = (Option<u64>, Option<u64>)>) -> u64 {
+        let ceiling = match self.output {
+            Output::Fixed(n) => return n,
+            Output::Clamp { ceiling } => ceiling,
+        };
+        let mut affordable = u64::MAX;
+        for (tokens, nanos) in left {
+            if let Some(t) = tokens {
+                affordable = affordable.min(t.saturating_sub(self.input.tokens));
+            }
+            if let (Some(n), true) = (nanos, self.nanos_per_output_token > 0.0) {
+                let n = n.saturating_sub(self.input.nanos) as f64;
+                affordable = affordable.min((n / self.nanos_per_output_token).floor() as u64);
+            }
+        }
+        (affordable / self.choices.max(1)).min(ceiling).max(1)
+    }
+}
+
+/// What admission granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// The output limit per choice.
+    pub output: u64,
+    pub worst: Amount,
+    /// What the tightest budget of each unit has left, counting settled spend only.
+    pub remaining: Remaining,
+}
+
+/// Nano-dollars and tokens left, `None` for a unit no budget bounds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Remaining {
+    pub nanos: Option<u64>,
+    pub tokens: Option<u64>,
+}
+
+impl Remaining {
+    /// Folds in one budget's limits and settled spend.
+    pub fn include(&mut self, limit: &Limit, spent: Amount) {
+        let least = |cur: Option<u64>, left: u64| Some(cur.map_or(left, |c| c.min(left)));
+        if let Some(max) = limit.nanos {
+            self.nanos = least(self.nanos, max.saturating_sub(spent.nanos));
+        }
+        if let Some(max) = limit.tokens {
+            self.tokens = least(self.tokens, max.saturating_sub(spent.tokens));
+        }
+    }
+}
+
+/// The first of `limits` that `worst` does not fit, given what each has used (spent
+/// and reserved) and when its window ends.
+pub fn first_exceeded(
+    limits: &[Limit],
+    used: impl Iterator<Item = (Amount, Option<i64>)>,
+    worst: Amount,
+) -> Option<Exhausted> {
+    for (limit, (used, resets_at)) in limits.iter().zip(used) {
+        let checks = [
+            (Unit::Usd, limit.nanos, used.nanos, worst.nanos),
+            (Unit::Tokens, limit.tokens, used.tokens, worst.tokens),
+        ];
+        for (unit, max, used, needed) in checks {
+            let Some(max) = max else { continue };
+            let available = max.saturating_sub(used);
+            if needed > available {
+                return Some(Exhausted {
+                    key: limit.key.clone(),
+                    unit,
+                    needed,
+                    available,
+                    resets_at,
+                });
+            }
+        }
+    }
+    None
+}
+
 /// What time it is; injectable so that period rollover can be tested.
 pub trait Clock: Send + Sync {
     fn now(&self) -> Timestamp;
@@ -150,8 +267,8 @@ impl Clock for SystemClock {
     }
 }
 
-pub struct Ledger {
-    accounts: Mutex<HashMap<BudgetKey, Account>>,
+/// The clock and time zone that place spend in periods.
+pub struct Calendar {
     clock: Arc<dyn Clock>,
     tz: TimeZone,
     /// The current window of each period, computed once and reused until it ends: the
@@ -160,7 +277,45 @@ pub struct Ledger {
 }
 
 /// A period's window: its start and, unless it never ends, its end (Unix seconds).
-type Window = (i64, Option<i64>);
+pub type Window = (i64, Option<i64>);
+
+impl Calendar {
+    pub fn new(tz: TimeZone, clock: Arc<dyn Clock>) -> Calendar {
+        Calendar {
+            clock,
+            tz,
+            windows: Mutex::new([None; PERIODS]),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    pub fn tz(&self) -> &TimeZone {
+        &self.tz
+    }
+
+    /// The window of `period` containing `now`, from the cache while it lasts.
+    pub fn window(&self, period: Period, now: Timestamp) -> Window {
+        let mut cache = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = &mut cache[period_index(period)];
+        let second = now.as_second();
+        if let Some((start, end)) = *slot {
+            if second >= start && end.is_none_or(|end| second < end) {
+                return (start, end);
+            }
+        }
+        let fresh = period.window(now, &self.tz);
+        *slot = Some(fresh);
+        fresh
+    }
+}
+
+pub struct Ledger {
+    accounts: Mutex<HashMap<BudgetKey, Account>>,
+    calendar: Calendar,
+}
 
 const PERIODS: usize = 6;
 
@@ -179,30 +334,17 @@ impl Ledger {
     pub fn new(tz: TimeZone, clock: Arc<dyn Clock>) -> Arc<Ledger> {
         Arc::new(Ledger {
             accounts: Mutex::new(HashMap::new()),
-            clock,
-            tz,
-            windows: Mutex::new([None; PERIODS]),
+            calendar: Calendar::new(tz, clock),
         })
     }
 
     /// The ledger's clock.
     pub fn now(&self) -> Timestamp {
-        self.clock.now()
+        self.calendar.now()
     }
 
-    /// The window of `period` containing `now`, from the cache while it lasts.
     fn window(&self, period: Period, now: Timestamp) -> Window {
-        let mut cache = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = &mut cache[period_index(period)];
-        let second = now.as_second();
-        if let Some((start, end)) = *slot {
-            if second >= start && end.is_none_or(|end| second < end) {
-                return (start, end);
-            }
-        }
-        let fresh = period.window(now, &self.tz);
-        *slot = Some(fresh);
-        fresh
+        self.calendar.window(period, now)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BudgetKey, Account>> {
@@ -231,38 +373,56 @@ impl Ledger {
         limits: &[Limit],
         worst: Amount,
     ) -> Result<Reservation, Exhausted> {
-        let now = self.clock.now();
+        let ask = Ask {
+            input: worst,
+            output: Output::Fixed(0),
+            choices: 1,
+            nanos_per_output_token: 0.0,
+        };
+        self.admit(limits, 0, &ask).map(|(r, _)| r)
+    }
+
+    /// Admits a request in one step under one lock: picks its output limit (clamped to
+    /// what the budgets afford if it sent none), checks the worst case against every
+    /// limit, reserves it against all of them or none, and says what the first
+    /// `budgets` limits have left.
+    pub fn admit(
+        self: &Arc<Self>,
+        limits: &[Limit],
+        budgets: usize,
+        ask: &Ask,
+    ) -> Result<(Reservation, Grant), Exhausted> {
+        let now = self.calendar.now();
         let mut accounts = self.lock();
+        let mut current = Vec::with_capacity(limits.len());
         for limit in limits {
             let (window, resets_at) = self.window(limit.key.period, now);
-            let account = Self::account(&mut accounts, &limit.key, window);
-            let checks = [
-                (
-                    Unit::Usd,
-                    limit.nanos,
-                    account.spent.nanos + account.reserved.nanos,
-                    worst.nanos,
-                ),
-                (
-                    Unit::Tokens,
-                    limit.tokens,
-                    account.spent.tokens + account.reserved.tokens,
-                    worst.tokens,
-                ),
-            ];
-            for (unit, max, used, needed) in checks {
-                let Some(max) = max else { continue };
-                let available = max.saturating_sub(used);
-                if needed > available {
-                    return Err(Exhausted {
-                        key: limit.key.clone(),
-                        unit,
-                        needed,
-                        available,
-                        resets_at,
-                    });
-                }
-            }
+            let account = *Self::account(&mut accounts, &limit.key, window);
+            current.push((account, resets_at));
+        }
+        let used = |a: &Account| Amount {
+            tokens: a.spent.tokens.saturating_add(a.reserved.tokens),
+            nanos: a.spent.nanos.saturating_add(a.reserved.nanos),
+        };
+        let output = ask.output_limit(limits.iter().zip(&current).map(|(l, (a, _))| {
+            let used = used(a);
+            (
+                l.tokens.map(|max| max.saturating_sub(used.tokens)),
+                l.nanos.map(|max| max.saturating_sub(used.nanos)),
+            )
+        }));
+        let worst = ask.worst(output);
+        let exceeded = first_exceeded(
+            limits,
+            current.iter().map(|(a, resets_at)| (used(a), *resets_at)),
+            worst,
+        );
+        if let Some(e) = exceeded {
+            return Err(e);
+        }
+        let mut remaining = Remaining::default();
+        for (limit, (account, _)) in limits.iter().zip(&current).take(budgets) {
+            remaining.include(limit, account.spent);
         }
         for limit in limits {
             if let Some(account) = accounts.get_mut(&limit.key) {
@@ -270,73 +430,44 @@ impl Ledger {
                 account.reserved.nanos += worst.nanos;
             }
         }
-        Ok(Reservation {
+        let reservation = Reservation {
             ledger: self.clone(),
             keys: limits.iter().map(|l| l.key.clone()).collect(),
             worst,
             done: false,
-        })
-    }
-
-    /// The most output tokens every limit still affords after `input` and other
-    /// reservations, at `nanos_per_output_token`; `None` if no limit bounds it.
-    pub fn affordable_output(
-        &self,
-        limits: &[Limit],
-        input: Amount,
-        nanos_per_output_token: f64,
-    ) -> Option<u64> {
-        let now = self.clock.now();
-        let mut accounts = self.lock();
-        let mut least: Option<u64> = None;
-        let mut bound = |n: u64| least = Some(least.map_or(n, |l| l.min(n)));
-        for limit in limits {
-            let (window, _) = self.window(limit.key.period, now);
-            let account = Self::account(&mut accounts, &limit.key, window);
-            if let Some(max) = limit.tokens {
-                let used = account.spent.tokens + account.reserved.tokens + input.tokens;
-                bound(max.saturating_sub(used));
-            }
-            if let Some(max) = limit.nanos {
-                let used = account.spent.nanos + account.reserved.nanos + input.nanos;
-                let left = max.saturating_sub(used) as f64;
-                if nanos_per_output_token > 0.0 {
-                    bound((left / nanos_per_output_token).floor() as u64);
-                }
-            }
-        }
-        least
+        };
+        Ok((
+            reservation,
+            Grant {
+                output,
+                worst,
+                remaining,
+            },
+        ))
     }
 
     /// What is left of each unit, for the tightest budget of that unit, counting only
-    /// settled spend. `None` for a unit no limit bounds.
-    pub fn remaining(&self, limits: &[Limit]) -> (Option<u64>, Option<u64>) {
-        let now = self.clock.now();
+    /// settled spend.
+    pub fn remaining(&self, limits: &[Limit]) -> Remaining {
+        let now = self.calendar.now();
         let mut accounts = self.lock();
-        let (mut nanos, mut tokens): (Option<u64>, Option<u64>) = (None, None);
+        let mut remaining = Remaining::default();
         for limit in limits {
             let (window, _) = self.window(limit.key.period, now);
             let account = Self::account(&mut accounts, &limit.key, window);
-            if let Some(max) = limit.nanos {
-                let left = max.saturating_sub(account.spent.nanos);
-                nanos = Some(nanos.map_or(left, |n| n.min(left)));
-            }
-            if let Some(max) = limit.tokens {
-                let left = max.saturating_sub(account.spent.tokens);
-                tokens = Some(tokens.map_or(left, |t| t.min(left)));
-            }
+            remaining.include(limit, account.spent);
         }
-        (nanos, tokens)
+        remaining
     }
 
     /// Adds settled spend that happened at `at` (replaying the audit log at start): it
     /// counts only toward windows that contain `at` and are still current.
     pub fn replay(&self, keys: &[BudgetKey], spend: Amount, at: Timestamp) {
-        let now = self.clock.now();
+        let now = self.calendar.now();
         let mut accounts = self.lock();
         for key in keys {
             let (window, _) = self.window(key.period, now);
-            if key.period.window(at, &self.tz).0 != window {
+            if key.period.window(at, &self.calendar.tz).0 != window {
                 continue;
             }
             let account = Self::account(&mut accounts, key, window);
@@ -347,7 +478,7 @@ impl Ledger {
 
     /// Every account in its current window, for metrics and the admin API.
     pub fn accounts(&self) -> Vec<(BudgetKey, Account)> {
-        let now = self.clock.now();
+        let now = self.calendar.now();
         let mut accounts = self.lock();
         let keys: Vec<BudgetKey> = accounts.keys().cloned().collect();
         let mut out: Vec<(BudgetKey, Account)> = keys
@@ -363,7 +494,7 @@ impl Ledger {
     }
 
     fn finish(&self, keys: &[BudgetKey], worst: Amount, actual: Amount) {
-        let now = self.clock.now();
+        let now = self.calendar.now();
         let mut accounts = self.lock();
         for key in keys {
             let (window, _) = self.window(key.period, now);
@@ -385,6 +516,15 @@ pub struct Reservation {
     done: bool,
 }
 
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("keys", &self.keys)
+            .field("worst", &self.worst)
+            .finish()
+    }
+}
+
 impl Reservation {
     pub fn worst(&self) -> Amount {
         self.worst
@@ -402,6 +542,23 @@ impl Drop for Reservation {
         if !self.done {
             self.ledger
                 .finish(&self.keys, self.worst, Amount::default());
+        }
+    }
+}
+
+/// Budget held for one request in flight, in this process or in Redis.
+#[derive(Debug)]
+pub enum Hold {
+    Local(Reservation),
+    Remote(redis::RemoteHold),
+}
+
+impl Hold {
+    /// Replaces the hold by the real spend (dropping it unsettled releases it).
+    pub fn settle(self, actual: Amount) {
+        match self {
+            Hold::Local(r) => r.settle(actual),
+            Hold::Remote(r) => r.settle(actual),
         }
     }
 }
@@ -457,7 +614,7 @@ mod tests {
         r1.settle(tokens(10));
         let r2 = l.reserve(&limits, tokens(60)).unwrap();
         drop(r2); // released unsettled: costs nothing
-        assert_eq!(l.remaining(&limits), (None, Some(90)));
+        assert_eq!(l.remaining(&limits).tokens, Some(90));
         let acc = l.accounts();
         assert_eq!(acc[0].1.reserved, Amount::default());
         assert_eq!(acc[0].1.spent, tokens(10));
@@ -539,30 +696,47 @@ mod tests {
         l.reserve(&limits, tokens(90)).unwrap().settle(tokens(90));
         assert!(l.reserve(&limits, tokens(20)).is_err());
         clock.0.fetch_add(120, Ordering::SeqCst); // 00:01 the next day
-        assert_eq!(l.remaining(&limits), (None, Some(100)));
+        assert_eq!(l.remaining(&limits).tokens, Some(100));
         assert!(l.reserve(&limits, tokens(20)).is_ok());
     }
 
     #[test]
-    fn affordable_output_for_clamping() {
+    fn admission_clamps_to_what_every_budget_affords() {
         let (l, _) = ledger("2026-11-29T10:00:00Z");
         let limits = [Limit {
             key: key(Scope::Agent, "a", Period::Day),
             nanos: Some(usd_to_nanos(0.001)),
             tokens: Some(5000),
         }];
-        // $0.001 left, input costs $0.0002, output at 1000 nanos ($1/Mtok... x1000) a token.
-        let input = Amount {
-            tokens: 100,
-            nanos: usd_to_nanos(0.0002),
+        // $0.001 left, the input costs $0.0002, an output token 1000 nano-dollars.
+        let ask = |price: f64, ceiling: u64| Ask {
+            input: Amount {
+                tokens: 100,
+                nanos: usd_to_nanos(0.0002),
+            },
+            output: Output::Clamp { ceiling },
+            choices: 1,
+            nanos_per_output_token: price,
         };
-        assert_eq!(l.affordable_output(&limits, input, 1000.0), Some(800));
+        let (r, grant) = l.admit(&limits, 1, &ask(1000.0, 10_000)).unwrap();
+        assert_eq!(grant.output, 800, "dollars bind");
+        assert_eq!(grant.worst.nanos, usd_to_nanos(0.001));
+        assert_eq!(grant.remaining.tokens, Some(5000), "settled spend only");
+        drop(r);
+        let (r, grant) = l.admit(&limits, 1, &ask(10.0, 10_000)).unwrap();
+        assert_eq!(grant.output, 4900, "tokens bind");
+        drop(r);
+        let (small, grant) = l.admit(&limits, 1, &ask(10.0, 64)).unwrap();
+        assert_eq!(grant.output, 64, "the ceiling binds");
+        drop(small);
+        let (r, grant) = l.admit(&limits, 1, &ask(1000.0, 10_000)).unwrap();
+        let err = l.admit(&limits, 1, &ask(1000.0, 10_000)).unwrap_err();
+        assert_eq!(err.unit, Unit::Usd, "nothing left for one more token");
+        r.settle(grant.worst);
         assert_eq!(
-            l.affordable_output(&limits, input, 10.0),
-            Some(4900),
-            "tokens bind first"
+            l.remaining(&limits).nanos,
+            Some(usd_to_nanos(0.001) - grant.worst.nanos)
         );
-        assert_eq!(l.affordable_output(&[], input, 10.0), None);
     }
 
     #[test]
@@ -597,6 +771,12 @@ mod tests {
             acc.iter().map(|(_, a)| a.spent.tokens).collect::<Vec<_>>(),
             vec![7, 12]
         );
-        assert_eq!(l.remaining(&limits), (None, Some(93)));
+        assert_eq!(
+            l.remaining(&limits),
+            Remaining {
+                nanos: None,
+                tokens: Some(93)
+            }
+        );
     }
 }

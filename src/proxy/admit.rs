@@ -17,8 +17,10 @@ use bytes::Bytes;
 use super::error::ProxyError;
 use crate::config::{BudgetConfig, Config, MissingMaxTokens};
 use crate::guard::{Guards, Slot};
+use crate::ledger::redis::{Admission, RedisLedger, Refusal};
 use crate::ledger::{
-    usd_to_nanos, Amount, BudgetKey, Exhausted, Ledger, Limit, Period, Reservation, Scope,
+    usd_to_nanos, Amount, Ask, BudgetKey, Exhausted, Hold, Ledger, Limit, Output, Period,
+    Remaining, Scope,
 };
 use crate::metering::pricing::glob_match;
 use crate::metering::{Endpoint, Price};
@@ -36,6 +38,8 @@ pub struct Policy {
     budgets: usize,
     pub requests_per_minute: Option<u32>,
     pub max_concurrent: Option<u32>,
+    /// The hash tag of the agent's keys in Redis: its team's id, or its own.
+    pub tag: String,
 }
 
 impl Policy {
@@ -95,6 +99,7 @@ impl Policies {
                 budgets,
                 requests_per_minute: agent.limits.requests_per_minute,
                 max_concurrent: agent.limits.max_concurrent,
+                tag: agent.team.clone().unwrap_or_else(|| agent.id.clone()),
             };
             map.insert(agent.id.clone(), Arc::new(policy));
         }
@@ -105,27 +110,29 @@ impl Policies {
         self.0.get(agent)
     }
 
-    /// Every limit of every agent and team, once each, for metrics and the admin API.
-    pub fn all_limits(&self) -> Vec<Limit> {
-        let mut all: Vec<Limit> = self
+    /// Every limit of every agent and team, once each, with the hash tag of its keys in
+    /// Redis, for metrics and the admin API.
+    pub fn all_limits(&self) -> Vec<(Limit, String)> {
+        let mut all: Vec<(Limit, String)> = self
             .0
             .values()
-            .flat_map(|p| p.limits.iter().cloned())
+            .flat_map(|p| p.limits.iter().map(|l| (l.clone(), p.tag.clone())))
             .collect();
-        all.sort_by(|a, b| a.key.cmp(&b.key));
-        all.dedup_by(|a, b| a.key == b.key);
+        all.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        all.dedup_by(|a, b| a.0.key == b.0.key);
         all
     }
 }
 
 /// What admission decided for a request it lets through.
 pub struct Admitted {
-    pub reservation: Option<Reservation>,
+    pub hold: Option<Hold>,
     /// The body with its output limit clamped, if admission changed it.
     pub body: Option<Bytes>,
-    /// What the tightest budgets have left (settled spend): nano-dollars, tokens.
-    pub remaining: (Option<u64>, Option<u64>),
-    /// A place among the agent's requests in flight, held to the end of the response.
+    /// What the tightest budgets have left (settled spend).
+    pub remaining: Remaining,
+    /// A place among the agent's requests in flight, held to the end of the response
+    /// (in Redis mode the hold carries it).
     pub slot: Option<Slot>,
 }
 
@@ -142,6 +149,13 @@ pub struct Request<'a> {
     pub price: Option<Price>,
 }
 
+/// Where limits are kept: in this process, or in Redis shared with other replicas.
+pub struct Stores<'a> {
+    pub ledger: &'a Arc<Ledger>,
+    pub guards: &'a Guards,
+    pub redis: Option<&'a Arc<RedisLedger>>,
+}
+
 /// Nano-dollars a token costs at a price in dollars per million tokens.
 fn nanos_per_token(usd_per_mtok: f64) -> f64 {
     usd_per_mtok * 1e3
@@ -149,9 +163,9 @@ fn nanos_per_token(usd_per_mtok: f64) -> f64 {
 
 /// A refused reservation: over a budget (402), or over the per-minute token limit,
 /// which a wait cures (429).
-fn refused(e: Exhausted, ledger: &Ledger) -> ProxyError {
+fn refused(e: Exhausted, now: jiff::Timestamp) -> ProxyError {
     if e.key.period == Period::Minute {
-        let wait = e.resets_at.map_or(60, |at| at - ledger.now().as_second());
+        let wait = e.resets_at.map_or(60, |at| at - now.as_second());
         return ProxyError::RateLimited {
             what: format!("agent {} is over its tokens per minute", e.key.id),
             retry_after: wait.clamp(1, 60) as u64,
@@ -160,51 +174,35 @@ fn refused(e: Exhausted, ledger: &Ledger) -> ProxyError {
     ProxyError::BudgetExhausted(Box::new(e))
 }
 
-pub fn admit(
-    ledger: &Arc<Ledger>,
-    guards: &Guards,
-    policy: &Policy,
-    config: &Config,
-    req: Request<'_>,
-) -> Result<Admitted, ProxyError> {
-    if let Some(models) = &policy.models {
-        if !models.iter().any(|m| glob_match(m, req.model)) {
-            return Err(ProxyError::ModelNotAllowed(req.model.to_owned()));
-        }
+fn too_many_in_flight(agent: &str, max: u32) -> ProxyError {
+    ProxyError::RateLimited {
+        what: format!("agent {agent} has {max} requests in flight already"),
+        retry_after: 1,
     }
-    let slot = match policy.max_concurrent {
-        None => None,
-        Some(max) => Some(
-            guards
-                .enter(req.agent, max)
-                .ok_or_else(|| ProxyError::RateLimited {
-                    what: format!("agent {} has {max} requests in flight already", req.agent),
-                    retry_after: 1,
-                })?,
-        ),
-    };
-    if let Some(rpm) = policy.requests_per_minute {
-        guards
-            .check_rate(req.agent, rpm)
-            .map_err(|wait| ProxyError::RateLimited {
-                what: format!(
-                    "agent {} is limited to {rpm} requests per minute",
-                    req.agent
-                ),
-                retry_after: wait.clamp(1, 60),
-            })?;
+}
+
+fn too_many_per_minute(agent: &str, rpm: u32, wait_seconds: u64) -> ProxyError {
+    ProxyError::RateLimited {
+        what: format!("agent {agent} is limited to {rpm} requests per minute"),
+        retry_after: wait_seconds.clamp(1, 60),
     }
+}
+
+/// What a request asks of its budgets, and whether its body must carry a new output limit.
+#[derive(Default)]
+struct Plan {
+    /// `None` when nothing is to be reserved.
+    ask: Option<Ask>,
+    /// The body field to set to the output limit granted (or the cap).
+    rewrite: Option<&'static str>,
+}
+
+fn plan(policy: &Policy, config: &Config, req: &Request<'_>) -> Result<Plan, ProxyError> {
     if req.endpoint == Endpoint::Other
         || (policy.limits.is_empty() && policy.max_tokens_cap.is_none())
     {
-        return Ok(Admitted {
-            reservation: None,
-            body: None,
-            remaining: (None, None),
-            slot,
-        });
+        return Ok(Plan::default());
     }
-
     if !policy.limits.is_empty() {
         if !req.readable {
             return Err(ProxyError::Unreadable);
@@ -213,7 +211,6 @@ pub fn admit(
             return Err(ProxyError::Unpriced(req.model.to_owned()));
         }
     }
-
     // No tokenizer pass: a token is at least one byte, so the body's length bounds it.
     let input_tokens = req.body.len() as u64;
     let (input_price, output_price) = req.price.map_or((0.0, 0.0), |p| {
@@ -226,77 +223,170 @@ pub fn admit(
         tokens: input_tokens,
         nanos: (input_tokens as f64 * input_price).ceil() as u64,
     };
-
     let (asked, field) = req.fields.output_limit(req.endpoint);
     let cap = policy.max_tokens_cap;
     let (output, write) = match asked {
         Some(n) => match cap {
-            Some(cap) if n > cap => (cap, true),
-            _ => (n, false),
+            Some(cap) if n > cap => (Output::Fixed(cap), true),
+            _ => (Output::Fixed(n), false),
         },
         None if policy.limits.is_empty() => match cap {
-            Some(cap) => (cap, true),
-            None => (0, false),
+            Some(cap) => (Output::Fixed(cap), true),
+            None => (Output::Fixed(0), false),
         },
         None => match config.budgets.on_missing_max_tokens {
             MissingMaxTokens::Reject => return Err(ProxyError::OutputLimitRequired(field)),
             MissingMaxTokens::ReserveDefault => {
                 let n = config.budgets.default_reserve_output_tokens;
-                (cap.map_or(n, |c| n.min(c)), false)
+                (Output::Fixed(cap.map_or(n, |c| n.min(c))), false)
             }
-            MissingMaxTokens::Clamp => {
-                let affordable = ledger
-                    .affordable_output(&policy.limits, input, output_price)
-                    .unwrap_or(u64::MAX)
-                    / req.fields.choices();
-                // Never everything the budget affords: one request would hold the whole
-                // budget and every concurrent one would be refused.
-                let ceiling = cap.unwrap_or(config.budgets.default_reserve_output_tokens);
-                let n = affordable.min(ceiling);
-                if n == 0 {
-                    // Nothing left for even one token: refuse as the ledger would.
-                    let worst = Amount {
-                        tokens: input.tokens + 1,
-                        nanos: input.nanos + output_price.ceil() as u64,
-                    };
-                    return Err(ledger
-                        .reserve(&policy.limits, worst)
-                        .err()
-                        .map_or(ProxyError::OutputLimitRequired(field), |e| {
-                            refused(e, ledger)
-                        }));
-                }
-                (n, true)
-            }
+            // Never everything the budget affords: one request would hold the whole
+            // budget and every concurrent one would be refused.
+            MissingMaxTokens::Clamp => (
+                Output::Clamp {
+                    ceiling: cap.unwrap_or(config.budgets.default_reserve_output_tokens),
+                },
+                true,
+            ),
         },
     };
+    let ask = (!policy.limits.is_empty()).then_some(Ask {
+        input,
+        output,
+        choices: req.fields.choices(),
+        nanos_per_output_token: output_price,
+    });
+    // Without budgets only a cap applies: the body then gets the cap (see `rewrite`).
+    Ok(Plan {
+        ask,
+        rewrite: write.then_some(field),
+    })
+}
 
-    let body = if write && !req.body.is_empty() {
-        set_json_field(req.body, field, serde_json::Value::from(output))
-    } else {
-        None
+pub async fn admit(
+    stores: Stores<'_>,
+    policy: &Policy,
+    config: &Config,
+    req: Request<'_>,
+) -> Result<Admitted, ProxyError> {
+    if let Some(models) = &policy.models {
+        if !models.iter().any(|m| glob_match(m, req.model)) {
+            return Err(ProxyError::ModelNotAllowed(req.model.to_owned()));
+        }
+    }
+    let limited = policy.requests_per_minute.is_some() || policy.max_concurrent.is_some();
+    if let Some(redis) = stores
+        .redis
+        .filter(|_| limited || !policy.limits.is_empty())
+    {
+        return admit_shared(redis, policy, config, req).await;
+    }
+
+    let slot = match policy.max_concurrent {
+        None => None,
+        Some(max) => Some(
+            stores
+                .guards
+                .enter(req.agent, max)
+                .ok_or_else(|| too_many_in_flight(req.agent, max))?,
+        ),
     };
-    let remaining = ledger.remaining(policy.budgets());
-    // Every choice (`n`, `best_of`) may use the whole output limit.
-    let all_output = output.saturating_mul(req.fields.choices());
-    let worst = Amount {
-        tokens: input.tokens + all_output,
-        nanos: input.nanos + (all_output as f64 * output_price).ceil() as u64,
-    };
-    let reservation = if policy.limits.is_empty() {
-        None
-    } else {
-        Some(
-            ledger
-                .reserve(&policy.limits, worst)
-                .map_err(|e: Exhausted| refused(e, ledger))?,
-        )
+    if let Some(rpm) = policy.requests_per_minute {
+        stores
+            .guards
+            .check_rate(req.agent, rpm)
+            .map_err(|wait| too_many_per_minute(req.agent, rpm, wait))?;
+    }
+    let Plan {
+        ask,
+        rewrite: field,
+    } = plan(policy, config, &req)?;
+    let (hold, output, remaining) = match ask {
+        None => (None, None, Remaining::default()),
+        Some(ask) => {
+            let (reservation, grant) = stores
+                .ledger
+                .admit(&policy.limits, policy.budgets, &ask)
+                .map_err(|e| refused(e, stores.ledger.now()))?;
+            (
+                Some(Hold::Local(reservation)),
+                Some(grant.output),
+                grant.remaining,
+            )
+        }
     };
     Ok(Admitted {
-        reservation,
-        body,
+        hold,
+        body: rewrite(&req, field, output, policy),
         remaining,
         slot,
+    })
+}
+
+/// The body with its output limit set to `output` (or the cap), if admission changed it.
+fn rewrite(
+    req: &Request<'_>,
+    field: Option<&'static str>,
+    output: Option<u64>,
+    policy: &Policy,
+) -> Option<Bytes> {
+    let field = field?;
+    if req.body.is_empty() {
+        return None;
+    }
+    let n = output.or(policy.max_tokens_cap)?;
+    set_json_field(req.body, field, serde_json::Value::from(n))
+}
+
+/// Admission against limits kept in Redis: in-flight, rate and budgets in one script.
+async fn admit_shared(
+    redis: &Arc<RedisLedger>,
+    policy: &Policy,
+    config: &Config,
+    req: Request<'_>,
+) -> Result<Admitted, ProxyError> {
+    let Plan {
+        ask,
+        rewrite: field,
+    } = plan(policy, config, &req)?;
+    let decided = redis
+        .admit(Admission {
+            agent: req.agent,
+            tag: &policy.tag,
+            limits: &policy.limits,
+            budgets: policy.budgets,
+            ask,
+            requests_per_minute: policy.requests_per_minute,
+            max_in_flight: policy.max_concurrent,
+        })
+        .await;
+    let (hold, grant) = match decided {
+        Ok(decided) => decided,
+        Err(Refusal::InFlight) => {
+            return Err(too_many_in_flight(
+                req.agent,
+                policy.max_concurrent.unwrap_or(0),
+            ))
+        }
+        Err(Refusal::Rate { retry_after_ms }) => {
+            return Err(too_many_per_minute(
+                req.agent,
+                policy.requests_per_minute.unwrap_or(0),
+                retry_after_ms.div_ceil(1000),
+            ))
+        }
+        Err(Refusal::Exhausted(e)) => return Err(refused(e, redis.calendar().now())),
+        Err(Refusal::Unavailable(e)) => {
+            tracing::error!(error = %e, agent = req.agent, "budget store unavailable; refusing");
+            return Err(ProxyError::StoreUnavailable);
+        }
+    };
+    let output = grant.map(|g| g.output);
+    Ok(Admitted {
+        hold: hold.map(Hold::Remote),
+        body: rewrite(&req, field, output, policy),
+        remaining: grant.map(|g| g.remaining).unwrap_or_default(),
+        slot: None,
     })
 }
 

@@ -35,6 +35,8 @@ pub enum ProxyError {
     BadUpstreamRequest,
     #[error("the audit log cannot be written ({0}); requests are refused until it can")]
     AuditUnavailable(String),
+    #[error("the budget store (Redis) cannot be reached; requests of agents with limits are refused until it can")]
+    StoreUnavailable,
     #[error("{0}")]
     BudgetExhausted(Box<crate::ledger::Exhausted>),
     #[error("model {0:?} is not allowed for this agent")]
@@ -64,9 +66,9 @@ impl ProxyError {
             }
             ProxyError::Unauthorized => ErrorClass::Authentication,
             ProxyError::BodyTooLarge { .. } => ErrorClass::RequestTooLarge,
-            ProxyError::ProviderKeyMissing { .. } | ProxyError::AuditUnavailable(_) => {
-                ErrorClass::Unavailable
-            }
+            ProxyError::ProviderKeyMissing { .. }
+            | ProxyError::AuditUnavailable(_)
+            | ProxyError::StoreUnavailable => ErrorClass::Unavailable,
             ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamClosed { .. } => {
                 ErrorClass::UpstreamUnreachable
             }
@@ -106,6 +108,7 @@ impl ProxyError {
             ProxyError::FirstByteTimeout { .. } => "upstream_timeout",
             ProxyError::BadUpstreamRequest => "bad_upstream_request",
             ProxyError::AuditUnavailable(_) => "audit_unavailable",
+            ProxyError::StoreUnavailable => "store_unavailable",
             ProxyError::BudgetExhausted(_) => "budget_exhausted",
             ProxyError::ModelNotAllowed(_) => "model_not_allowed",
             ProxyError::OutputLimitRequired(_) => "output_limit_required",

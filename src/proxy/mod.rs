@@ -30,6 +30,7 @@ use crate::audit::AuditLog;
 use crate::config::{Config, UpstreamConfig};
 use crate::guard::Guards;
 use crate::identity::{Agent, Identities};
+use crate::ledger::redis::RedisLedger;
 use crate::ledger::Ledger;
 use crate::metering::decode::Decoder;
 use crate::metering::{Endpoint, Pricing, UsageObserver};
@@ -92,6 +93,9 @@ pub struct AppState {
     pub ledger: Arc<Ledger>,
     /// So do rate limits.
     pub guards: Guards,
+    /// Budgets, rate limits and requests in flight shared with other replicas, when
+    /// `storage.redis_url` is set; the ledger and guards above are then unused.
+    pub redis: Option<Arc<RedisLedger>>,
     /// Runs settlements that count tokens, off the async workers.
     pub settler: settle::Settler,
     /// Set when shutdown begins; `/readyz` then answers 503.
@@ -104,6 +108,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         audit: Arc<AuditLog>,
         ledger: Arc<Ledger>,
+        redis: Option<Arc<RedisLedger>>,
     ) -> AppState {
         let client = build_client(&live.config.upstream);
         AppState {
@@ -113,6 +118,7 @@ impl AppState {
             audit,
             ledger,
             guards: Guards::default(),
+            redis,
             settler: settle::Settler::start(),
             draining: AtomicBool::new(false),
         }
@@ -295,9 +301,13 @@ async fn forward(
     let price = live.pricing.price(&model).copied();
     let original = json.clone().unwrap_or_default();
     let policy = live.policies.get(&agent.id).cloned().unwrap_or_default();
+    let stores = admit::Stores {
+        ledger: &state.ledger,
+        guards: &state.guards,
+        redis: state.redis.as_ref(),
+    };
     let admitted = admit::admit(
-        &state.ledger,
-        &state.guards,
+        stores,
         &policy,
         &live.config,
         admit::Request {
@@ -310,6 +320,7 @@ async fn forward(
             price,
         },
     )
+    .await
     .map_err(&reject)?;
 
     // The only changes made to a body: the output limit admission clamped, and asking
@@ -396,7 +407,7 @@ async fn forward(
         include_bodies: live.config.audit.include_bodies,
         request_id: meta.request_id.clone(),
         price,
-        reservation: admitted.reservation,
+        hold: admitted.hold,
         settler: state.settler.sender(),
         slot: admitted.slot,
         agent,
@@ -440,14 +451,14 @@ async fn forward(
 
 /// `x-tokenwarden-budget-remaining-usd` and `-tokens`: what the tightest budget of each
 /// unit had left when the request was admitted.
-fn insert_remaining(headers: &mut HeaderMap, (nanos, tokens): (Option<u64>, Option<u64>)) {
-    if let Some(nanos) = nanos {
+fn insert_remaining(headers: &mut HeaderMap, remaining: crate::ledger::Remaining) {
+    if let Some(nanos) = remaining.nanos {
         let usd = format!("{:.6}", crate::ledger::nanos_to_usd(nanos));
         if let Ok(v) = HeaderValue::from_str(&usd) {
             headers.insert("x-tokenwarden-budget-remaining-usd", v);
         }
     }
-    if let Some(tokens) = tokens {
+    if let Some(tokens) = remaining.tokens {
         headers.insert(
             "x-tokenwarden-budget-remaining-tokens",
             HeaderValue::from(tokens),

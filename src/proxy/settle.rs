@@ -19,7 +19,7 @@ use super::{AppState, Rejected, RequestMeta};
 use crate::audit::{now_rfc3339, AuditLog, Record};
 use crate::guard::Slot;
 use crate::identity::Agent;
-use crate::ledger::{usd_to_nanos, Amount, Reservation};
+use crate::ledger::{usd_to_nanos, Amount, Hold};
 use crate::metering::decode::Decoder;
 use crate::metering::{Endpoint, Metered, Price, UsageObserver};
 use crate::metrics::Metrics;
@@ -36,7 +36,7 @@ pub struct Settlement {
     pub model: String,
     pub price: Option<Price>,
     /// Budget held for this request; settled to the real spend at the end.
-    pub reservation: Option<Reservation>,
+    pub hold: Option<Hold>,
     /// The agent's place among its requests in flight, given back at the end.
     pub slot: Option<Slot>,
     /// Where a settlement that counts tokens is sent; `None` once shut down.
@@ -153,7 +153,7 @@ impl Settlement {
             endpoint,
             model,
             price,
-            reservation,
+            hold,
             method,
             path,
             status,
@@ -167,8 +167,8 @@ impl Settlement {
         let response_body = include_bodies.then(|| observer.held_text());
         let Metered { usage, estimated } = observer.finish(&model, &request);
         let cost = price.map_or(0.0, |p| p.cost_usd(&usage));
-        if let Some(reservation) = reservation {
-            reservation.settle(Amount {
+        if let Some(hold) = hold {
+            hold.settle(Amount {
                 tokens: usage.total(),
                 nanos: usd_to_nanos(cost),
             });
