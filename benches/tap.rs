@@ -12,13 +12,14 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use tokenwarden::metering::{Endpoint, UsageObserver};
 use tokenwarden::proxy::strip::StripUsage;
-use tokenwarden::proxy::tap::{Observer, StreamEnd, StreamLimits, TapBody};
+use tokenwarden::proxy::tap::{Flow, Observer, StreamEnd, StreamLimits, TapBody};
 
 struct Meter(UsageObserver);
 
 impl Observer for Meter {
-    fn on_data(&mut self, data: &Bytes) {
+    fn on_data(&mut self, data: &Bytes) -> Flow {
         self.0.observe(data);
+        Flow::Continue
     }
     fn on_end(self, _end: StreamEnd) {
         std::hint::black_box(self.0.finish("gpt-4o", b"{}"));

@@ -41,6 +41,8 @@ pub struct Config {
     pub metering: MeteringConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub runs: RunsConfig,
     /// Price overrides, `[pricing."MODEL"]`, laid over the base table.
     #[serde(default)]
     pub pricing: BTreeMap<String, PriceConfig>,
@@ -256,6 +258,63 @@ pub struct AgentConfig {
     pub budgets: Vec<BudgetConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Stop conditions for the agent's runs.
+    #[serde(default)]
+    pub runs: Option<RunLimitsConfig>,
+}
+
+/// How runs are named, for every agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunsConfig {
+    /// Request headers that name a run, the first present wins (session headers that
+    /// agent tools already send can be added, e.g. `x-claude-code-session-id`).
+    pub headers: Vec<String>,
+}
+
+impl Default for RunsConfig {
+    fn default() -> Self {
+        RunsConfig {
+            headers: vec!["x-tokenwarden-run".to_owned()],
+        }
+    }
+}
+
+/// What a run crossing a limit gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunAction {
+    /// Refuse this and every later call of the run (403), cut a stream that crosses.
+    #[default]
+    Stop,
+    /// Let the call go with an `x-tokenwarden-warning` header, a metric and an audit line.
+    Warn,
+}
+
+/// Stop conditions of one agent's runs; each is off unless set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunLimitsConfig {
+    pub max_requests: Option<u64>,
+    pub max_tokens: Option<u64>,
+    pub max_usd: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_duration: Option<Duration>,
+    /// Without a run header, a new run begins after this long without a request.
+    #[serde(default = "default_idle_gap", with = "humantime_serde")]
+    pub idle_gap: Duration,
+    /// Most identical requests (same model and messages) in one run.
+    pub max_repeats: Option<u64>,
+    /// Most upstream errors in a row.
+    pub max_error_streak: Option<u64>,
+    /// Most tokens over any 60 seconds of the run.
+    pub max_tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub action: RunAction,
+}
+
+fn default_idle_gap() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// Rate limits of one agent; each answered with 429 and `retry-after`.
@@ -394,6 +453,11 @@ impl Config {
                 "at most 1s (records wait this long for the disk)",
             );
         }
+        for (i, name) in self.runs.headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                bad(format!("runs.headers[{i}]"), "not a valid header name");
+            }
+        }
         if let Some(url) = &self.storage.redis_url {
             match redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
                 Err(_) => bad(
@@ -527,6 +591,31 @@ impl Config {
                 problems.push(format!(
                     "agents[{i}].max_tokens_cap: must be greater than 0"
                 ));
+            }
+            if let Some(r) = &a.runs {
+                let zero = [
+                    ("max_requests", r.max_requests),
+                    ("max_tokens", r.max_tokens),
+                    ("max_repeats", r.max_repeats),
+                    ("max_error_streak", r.max_error_streak),
+                    ("max_tokens_per_minute", r.max_tokens_per_minute),
+                ];
+                for (field, value) in zero {
+                    if value == Some(0) {
+                        problems.push(format!("agents[{i}].runs.{field}: must be greater than 0"));
+                    }
+                }
+                if r.max_usd.is_some_and(|u| !u.is_finite() || u <= 0.0) {
+                    problems.push(format!("agents[{i}].runs.max_usd: must be an amount > 0"));
+                }
+                if r.max_duration.is_some_and(|d| d.is_zero()) {
+                    problems.push(format!(
+                        "agents[{i}].runs.max_duration: must be greater than 0"
+                    ));
+                }
+                if r.idle_gap.is_zero() {
+                    problems.push(format!("agents[{i}].runs.idle_gap: must be greater than 0"));
+                }
             }
             if let Some(team) = &a.team {
                 if !self.teams.is_empty() && !self.teams.iter().any(|t| &t.id == team) {

@@ -255,6 +255,10 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
     tracing::info!(replayed, "budgets rebuilt from the audit log");
     let redis = redis_ledger(&live.config, &tz)?;
     let state = Arc::new(AppState::new(live, metrics, audit, ledger, redis));
+    let stopped = state
+        .runs
+        .replay_audit(&state.live.load().config.storage.dir.join("audit"))?;
+    tracing::info!(stopped, "stopped runs restored from the audit log");
     server::run(state.clone(), listeners, shutdown_signal()).await?;
     if let Some(redis) = &state.redis {
         redis.close(std::time::Duration::from_secs(5)).await;

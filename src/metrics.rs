@@ -30,6 +30,10 @@ pub struct Metrics {
     pub budget_remaining: GaugeVec,
     pub budget_reserved: GaugeVec,
     pub audit_write_errors: IntCounter,
+    pub runs_active: IntGauge,
+    pub runs_stopped: IntCounterVec,
+    pub run_warnings: IntCounterVec,
+    pub paused_agents: IntGauge,
     models: Mutex<HashSet<String>>,
 }
 
@@ -122,6 +126,32 @@ impl Metrics {
             ),
             &["agent", "team", "period", "unit"],
         )?;
+        let runs_active = IntGauge::new(
+            "tokenwarden_runs_active",
+            "Runs with a request in flight or within their idle gap",
+        )?;
+        let runs_stopped = IntCounterVec::new(
+            Opts::new(
+                "tokenwarden_runs_stopped_total",
+                "Runs stopped, by the condition that stopped them",
+            ),
+            &["agent", "condition"],
+        )?;
+        let run_warnings = IntCounterVec::new(
+            Opts::new(
+                "tokenwarden_run_warnings_total",
+                "Requests let through with a warning, by condition",
+            ),
+            &["agent", "condition"],
+        )?;
+        let paused_agents = IntGauge::new(
+            "tokenwarden_paused_agents",
+            "Agents an admin paused (every agent while pause-all is on)",
+        )?;
+        registry.register(Box::new(runs_active.clone()))?;
+        registry.register(Box::new(runs_stopped.clone()))?;
+        registry.register(Box::new(run_warnings.clone()))?;
+        registry.register(Box::new(paused_agents.clone()))?;
         registry.register(Box::new(rejections.clone()))?;
         registry.register(Box::new(budget_remaining.clone()))?;
         registry.register(Box::new(budget_reserved.clone()))?;
@@ -152,6 +182,10 @@ impl Metrics {
             rejections,
             budget_remaining,
             budget_reserved,
+            runs_active,
+            runs_stopped,
+            run_warnings,
+            paused_agents,
             models: Mutex::new(HashSet::new()),
         })
     }

@@ -50,6 +50,16 @@ impl SseParser {
         }
     }
 
+    /// Whether the bytes fed so far end exactly between two events (nothing of a next
+    /// event has arrived): the one place another event can be added to the stream.
+    pub fn between_events(&self) -> bool {
+        self.line.is_empty()
+            && !self.has_data
+            && self.event.is_empty()
+            && !self.oversized
+            && !self.skipping_line
+    }
+
     /// Events dropped so far for exceeding the bound.
     pub fn dropped(&self) -> u64 {
         self.dropped
@@ -163,6 +173,20 @@ impl SseParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn knows_when_it_is_between_events() {
+        let mut p = SseParser::new(1024);
+        assert!(p.between_events());
+        p.feed(b"data: a", &mut |_| {});
+        assert!(!p.between_events(), "inside a line");
+        p.feed(b"\n", &mut |_| {});
+        assert!(!p.between_events(), "inside an event");
+        p.feed(b"\n", &mut |_| {});
+        assert!(p.between_events());
+        p.feed(b"event: x\n", &mut |_| {});
+        assert!(!p.between_events(), "an event has begun");
+    }
 
     fn parse_chunks(chunks: &[&[u8]], max: usize) -> (Vec<(String, String)>, u64) {
         let mut p = SseParser::new(max);

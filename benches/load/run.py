@@ -2,6 +2,7 @@
 """Load benchmark: the mock provider called directly and through tokenwarden, side by side.
 
     python3 benches/load/run.py [--rounds 3] [--seconds 5] [--out benches/load/results.json]
+                                [--only SCENARIO] [--no-budgets] [--redis]
 
 Builds the release binary, installs `oha` from crates.io when missing, configures the
 proxy with every feature on (metering, audit log with fsync, agent and team budgets, so
@@ -9,7 +10,10 @@ each request is reserved, clamped and settled), pins the load
 generator and the mock to core 0 and the proxy to core 1 (`taskset`), and runs every
 scenario against both targets in alternation, `--rounds` times. It prints one table of
 medians (latency in ms) with the overhead the proxy adds, and writes the same as JSON.
-Traffic goes to loopback only; every run is bounded in time.
+`--no-budgets` adds a second proxy whose agent has no budgets (what budgets cost);
+`--redis` adds one that keeps its budgets in a redis-server started on core 0 (what a
+shared ledger costs per request). Traffic goes to loopback only; every run is bounded in
+time.
 """
 
 import argparse
@@ -108,27 +112,35 @@ def run_oha(oha, url, args, body, headers, seconds, auth):
     }
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--out", default=str(ROOT / "benches" / "load" / "results.json"))
-    ap.add_argument("--only", help="run only scenarios whose name contains this")
-    opts = ap.parse_args()
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    sh("cargo", "build", "--release", "--quiet", "--bin", "tokenwarden", cwd=ROOT)
-    oha = ensure_oha()
 
-    mock, mock_addr = start(pinned(0) + [str(BIN), "mock", "--listen", "127.0.0.1:0", "--no-record"])
-    tmp = Path(tempfile.mkdtemp())
-    config = tmp / "tokenwarden.toml"
-    config.write_text(f"""
+def proxy_config(mock_addr, data, budgets, redis_url):
+    """The bench proxy: one agent in one team, with day and month budgets unless not."""
+    limits = """
+[[agents.budgets]]
+period = "day"
+usd = 1000000.0
+tokens = 100000000000
+[[teams]]
+id = "bench"
+[[teams.budgets]]
+period = "month"
+usd = 1000000.0
+""" if budgets else ""
+    redis = f'redis_url = "{redis_url}"' if redis_url else ""
+    return f"""
 [server]
 listen = "127.0.0.1:0"
 [admin]
 listen = "127.0.0.1:0"
 [storage]
-dir = "{tmp}/data"
+dir = "{data}"
+{redis}
 [[providers]]
 name = "openai"
 kind = "openai"
@@ -139,24 +151,58 @@ api_key_env = "BENCH_OPENAI_KEY"
 id = "bench-agent"
 team = "bench"
 key_sha256 = "{hashlib.sha256(KEY.encode()).hexdigest()}"
-[[agents.budgets]]
-period = "day"
-usd = 1000000.0
-tokens = 100000000000
-[[teams]]
-id = "bench"
-[[teams.budgets]]
-period = "month"
-usd = 1000000.0
-""")
-    proxy, proxy_addr = start(pinned(1) + [str(BIN), "serve", "--config", str(config)],
-                              env={"BENCH_OPENAI_KEY": "sk-bench"})
+{limits}"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "benches" / "load" / "results.json"))
+    ap.add_argument("--only", help="run only scenarios whose name contains this")
+    ap.add_argument("--no-budgets", action="store_true",
+                    help="also run a proxy whose agent has no budgets")
+    ap.add_argument("--redis", action="store_true",
+                    help="also run a proxy that keeps its budgets in Redis")
+    opts = ap.parse_args()
+
+    sh("cargo", "build", "--release", "--quiet", "--bin", "tokenwarden", cwd=ROOT)
+    oha = ensure_oha()
+
+    mock, mock_addr = start(pinned(0) + [str(BIN), "mock", "--listen", "127.0.0.1:0", "--no-record"])
+    tmp = Path(tempfile.mkdtemp())
+    procs = [mock]
+    redis_url = None
+    if opts.redis:
+        port = free_port()
+        procs.append(subprocess.Popen(
+            pinned(0) + ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                         "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+            stdout=subprocess.DEVNULL))
+        time.sleep(0.5)
+        redis_url = f"redis://127.0.0.1:{port}/0"
+
+    def proxy(name, budgets=True, redis=None):
+        config = tmp / f"{name}.toml"
+        config.write_text(proxy_config(mock_addr, tmp / name, budgets, redis))
+        proc, addr = start(pinned(1) + [str(BIN), "serve", "--config", str(config)],
+                           env={"BENCH_OPENAI_KEY": "sk-bench"})
+        procs.append(proc)
+        return proc, addr
+
+    main_proxy, proxy_addr = proxy("tokenwarden")
     time.sleep(0.2)
-    idle_rss = rss_kib(proxy.pid)
+    idle_rss = rss_kib(main_proxy.pid)
     targets = {
         "direct": (f"http://{mock_addr}/v1/chat/completions", False),
         "tokenwarden": (f"http://{proxy_addr}/openai/v1/chat/completions", True),
     }
+    if opts.no_budgets:
+        addr = proxy("no-budgets", budgets=False)[1]
+        targets["no budgets"] = (f"http://{addr}/openai/v1/chat/completions", True)
+    if redis_url:
+        addr = proxy("redis", redis=redis_url)[1]
+        targets["redis"] = (f"http://{addr}/openai/v1/chat/completions", True)
     results = []
     try:
         for name, args, body, headers in SCENARIOS:
@@ -168,18 +214,25 @@ usd = 1000000.0
                     runs[target].append(run_oha(oha, url, args, body, headers, opts.seconds, auth))
             med = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in runs.items()}
             d, p = med["direct"], med["tokenwarden"]
-            results.append({
+            result = {
                 "scenario": name,
                 "direct": d,
                 "tokenwarden": p,
                 "added_p50_ms": p["p50_ms"] - d["p50_ms"],
                 "added_p99_ms": p["p99_ms"] - d["p99_ms"],
                 "rps_ratio": p["rps"] / d["rps"] if d["rps"] else 0,
-            })
+            }
+            for other in ("no budgets", "redis"):
+                if other in med:
+                    o = med[other]
+                    result[other] = o
+                    result[f"{other} added_p50_ms"] = o["p50_ms"] - d["p50_ms"]
+                    result[f"{other} added_p99_ms"] = o["p99_ms"] - d["p99_ms"]
+            results.append(result)
             print(f"done: {name}", file=sys.stderr)
-        busy_rss = rss_kib(proxy.pid)
+        busy_rss = rss_kib(main_proxy.pid)
     finally:
-        for proc in (proxy, mock):
+        for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=30)
 
@@ -192,6 +245,12 @@ usd = 1000000.0
         print(f"{r['scenario']:28} {d['p50_ms']:10.3f} {p['p50_ms']:10.3f} {r['added_p50_ms']:10.3f} "
               f"{d['p99_ms']:10.3f} {p['p99_ms']:10.3f} {r['added_p99_ms']:10.3f} "
               f"{d['rps']:10.0f} {p['rps']:10.0f}")
+    for other in ("no budgets", "redis"):
+        if other not in targets:
+            continue
+        print(f"\n{other}: " + "; ".join(
+            f"{r['scenario']}: added p50 {r[f'{other} added_p50_ms']:.3f}, "
+            f"p99 {r[f'{other} added_p99_ms']:.3f}, {r[other]['rps']:.0f} rps" for r in results))
     print(f"\nlatency in ms, medians of {opts.rounds} rounds of {opts.seconds}s; "
           f"proxy RSS idle {idle_rss / 1024:.1f} MiB, after load {busy_rss / 1024:.1f} MiB")
     Path(opts.out).write_text(json.dumps({

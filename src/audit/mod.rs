@@ -37,7 +37,7 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 pub struct Record {
     /// RFC 3339, UTC, milliseconds.
     pub ts: String,
-    /// `request` or `admin`.
+    /// `request`, `run` (a run stopped, warned or resumed) or `admin`.
     pub kind: &'static str,
     pub request_id: String,
     pub agent: Option<String>,
@@ -64,6 +64,9 @@ pub struct Record {
     /// SHA-256 of the request body, hex.
     pub fingerprint: Option<String>,
     pub client: String,
+    /// What happened, in words (run and admin lines).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_body: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

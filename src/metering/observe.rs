@@ -67,6 +67,8 @@ pub struct UsageObserver {
     reported: Reported,
     /// Count tokens when the provider reports none (off for error answers).
     estimate: bool,
+    /// Events seen with data: a stream sends about one token per event.
+    events: u64,
 }
 
 impl UsageObserver {
@@ -80,6 +82,7 @@ impl UsageObserver {
             unheld_bytes: 0,
             reported: Reported::default(),
             estimate: true,
+            events: 0,
         }
     }
 
@@ -102,9 +105,27 @@ impl UsageObserver {
             self.unheld_bytes += data.len();
         }
         if let Some(parser) = &mut self.sse {
-            let (endpoint, reported) = (self.endpoint, &mut self.reported);
-            parser.feed(data, &mut |event| read_event(endpoint, event, reported));
+            let (endpoint, reported, events) =
+                (self.endpoint, &mut self.reported, &mut self.events);
+            parser.feed(data, &mut |event| {
+                *events += 1;
+                read_event(endpoint, event, reported)
+            });
         }
+    }
+
+    /// Whether the stream seen so far ends between two events (see
+    /// [`SseParser::between_events`]); never for a body that is not an event stream.
+    pub fn between_events(&self) -> bool {
+        self.sse.as_ref().is_some_and(SseParser::between_events)
+    }
+
+    /// The usage so far, while a stream runs: what the provider reported, with at least
+    /// one output token per event seen (providers report output only at the end).
+    pub fn running_usage(&self) -> Usage {
+        let mut usage = self.reported.usage;
+        usage.output = usage.output.max(self.events);
+        usage
     }
 
     /// Whether the provider has not (yet) reported everything, so that `finish` would

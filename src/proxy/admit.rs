@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 use super::error::ProxyError;
 use crate::config::{BudgetConfig, Config, MissingMaxTokens};
+use crate::guard::runs::RunLimits;
 use crate::guard::{Guards, Slot};
 use crate::ledger::redis::{Admission, RedisLedger, Refusal};
 use crate::ledger::{
@@ -40,6 +41,8 @@ pub struct Policy {
     pub max_concurrent: Option<u32>,
     /// The hash tag of the agent's keys in Redis: its team's id, or its own.
     pub tag: String,
+    /// The stop conditions of its runs (none set: runs are only counted).
+    pub runs: Arc<RunLimits>,
 }
 
 impl Policy {
@@ -100,6 +103,7 @@ impl Policies {
                 requests_per_minute: agent.limits.requests_per_minute,
                 max_concurrent: agent.limits.max_concurrent,
                 tag: agent.team.clone().unwrap_or_else(|| agent.id.clone()),
+                runs: Arc::new(agent.runs.as_ref().map(RunLimits::from).unwrap_or_default()),
             };
             map.insert(agent.id.clone(), Arc::new(policy));
         }

@@ -37,6 +37,10 @@ pub enum ProxyError {
     AuditUnavailable(String),
     #[error("the budget store (Redis) cannot be reached; requests of agents with limits are refused until it can")]
     StoreUnavailable,
+    #[error("{}; the run is stopped until an admin resumes it or a new run begins", .0.message)]
+    RunStopped(Box<crate::guard::runs::Crossed>),
+    #[error("agent {agent} is paused by an admin{}", if *.all { " (every agent is paused)" } else { "" })]
+    Paused { agent: String, all: bool },
     #[error("{0}")]
     BudgetExhausted(Box<crate::ledger::Exhausted>),
     #[error("model {0:?} is not allowed for this agent")]
@@ -74,7 +78,9 @@ impl ProxyError {
             }
             ProxyError::FirstByteTimeout { .. } => ErrorClass::UpstreamTimeout,
             ProxyError::BudgetExhausted(_) => ErrorClass::BudgetExhausted,
-            ProxyError::ModelNotAllowed(_) => ErrorClass::PermissionDenied,
+            ProxyError::ModelNotAllowed(_)
+            | ProxyError::RunStopped(_)
+            | ProxyError::Paused { .. } => ErrorClass::PermissionDenied,
             ProxyError::OutputLimitRequired(_) => ErrorClass::InvalidRequest,
             ProxyError::RateLimited { .. } => ErrorClass::RateLimited,
             ProxyError::Internal => ErrorClass::Internal,
@@ -111,6 +117,8 @@ impl ProxyError {
             ProxyError::StoreUnavailable => "store_unavailable",
             ProxyError::BudgetExhausted(_) => "budget_exhausted",
             ProxyError::ModelNotAllowed(_) => "model_not_allowed",
+            ProxyError::RunStopped(_) => "run_stopped",
+            ProxyError::Paused { .. } => "paused",
             ProxyError::OutputLimitRequired(_) => "output_limit_required",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Internal => "internal",

@@ -28,7 +28,8 @@ use tokio::time::Instant;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, UpstreamConfig};
-use crate::guard::Guards;
+use crate::guard::runs::{self, Runs, Verdict};
+use crate::guard::{Guards, Switches};
 use crate::identity::{Agent, Identities};
 use crate::ledger::redis::RedisLedger;
 use crate::ledger::Ledger;
@@ -93,6 +94,10 @@ pub struct AppState {
     pub ledger: Arc<Ledger>,
     /// So do rate limits.
     pub guards: Guards,
+    /// Runs and their stops outlive reloads too.
+    pub runs: Arc<Runs>,
+    /// The kill switches.
+    pub switches: Switches,
     /// Budgets, rate limits and requests in flight shared with other replicas, when
     /// `storage.redis_url` is set; the ledger and guards above are then unused.
     pub redis: Option<Arc<RedisLedger>>,
@@ -118,6 +123,8 @@ impl AppState {
             audit,
             ledger,
             guards: Guards::default(),
+            runs: Arc::new(Runs::default()),
+            switches: Switches::default(),
             redis,
             settler: settle::Settler::start(),
             draining: AtomicBool::new(false),
@@ -234,6 +241,8 @@ pub struct Rejected {
     pub agent: Option<Arc<Agent>>,
     pub provider: Option<String>,
     pub model: Option<String>,
+    /// The run the request belonged to, once known.
+    pub run: Option<String>,
 }
 
 async fn forward(
@@ -249,6 +258,7 @@ async fn forward(
             agent: None,
             provider: None,
             model: None,
+            run: None,
         });
     };
     let agent = live.identities.identify(req.headers());
@@ -258,6 +268,7 @@ async fn forward(
         agent: agent.clone(),
         provider: Some(provider.name.clone()),
         model: None,
+        run: None,
     };
 
     if is_unsafe_path(rest) {
@@ -301,6 +312,63 @@ async fn forward(
     let price = live.pricing.price(&model).copied();
     let original = json.clone().unwrap_or_default();
     let policy = live.policies.get(&agent.id).cloned().unwrap_or_default();
+
+    // The kill switches, then the run's stop conditions.
+    if let Some(scope) = state.switches.paused(&agent.id) {
+        return Err(reject(ProxyError::Paused {
+            agent: agent.id.clone(),
+            all: scope == "all",
+        }));
+    }
+    let named = run_name(&parts.headers, &live.config.runs.headers);
+    let fingerprint = policy
+        .runs
+        .max_repeats
+        .and(json.as_deref())
+        .and_then(runs::fingerprint);
+    let (ticket, warnings) =
+        match state
+            .runs
+            .enter(&agent.id, named.as_deref(), &policy.runs, fingerprint)
+        {
+            Verdict::Go { ticket, warnings } => (ticket, warnings),
+            Verdict::Stop {
+                run,
+                crossed,
+                newly,
+            } => {
+                if newly {
+                    settle::run_event(
+                        &state.audit,
+                        &state.metrics,
+                        &agent,
+                        &run,
+                        settle::RunEvent::Stopped,
+                        &crossed,
+                    );
+                }
+                return Err(Rejected {
+                    run: Some(run.to_string()),
+                    ..reject(ProxyError::RunStopped(Box::new(crossed)))
+                });
+            }
+        };
+    let run_id = ticket.run.clone();
+    let reject = |error: ProxyError| Rejected {
+        run: Some(run_id.to_string()),
+        ..reject(error)
+    };
+    for warning in &warnings {
+        settle::run_event(
+            &state.audit,
+            &state.metrics,
+            &agent,
+            &run_id,
+            settle::RunEvent::Warning,
+            warning,
+        );
+    }
+
     let stores = admit::Stores {
         ledger: &state.ledger,
         guards: &state.guards,
@@ -372,9 +440,13 @@ async fn forward(
             if let (ProxyError::BodyTooLarge { .. }, Some(rest)) = (&error, rest) {
                 rest.drain(limit);
             }
+            if error.outcome() == "upstream_error" {
+                settle_failed(state, &agent, ticket);
+            }
             return Err(reject(error));
         }
         Err(_) => {
+            settle_failed(state, &agent, ticket);
             return Err(reject(ProxyError::FirstByteTimeout {
                 provider: provider.name.clone(),
                 timeout: humantime::format_duration(first_byte).to_string(),
@@ -398,9 +470,19 @@ async fn forward(
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     let strip = injected && sse && parts.status.is_success() && !compressed;
     insert_remaining(&mut parts.headers, admitted.remaining);
+    if !warnings.is_empty() {
+        insert_warnings(&mut parts.headers, &warnings);
+    }
     if strip {
         parts.headers.remove(CONTENT_LENGTH);
     }
+    let brake = (sse && !ticket.allowance.is_unbounded()).then(|| settle::Brake {
+        kind: provider.kind,
+        allowance: ticket.allowance,
+        run: ticket.run.clone(),
+        agent: agent.id.clone(),
+        cut: None,
+    });
     let settlement = Settlement {
         metrics: state.metrics.clone(),
         audit: state.audit.clone(),
@@ -429,6 +511,8 @@ async fn forward(
             .and_then(Decoder::for_encoding),
         started: meta.started,
         upstream_ttfb: headers_at - sent,
+        brake,
+        ticket: Some(ticket),
     };
     state.metrics.active_streams.inc();
     let limits = StreamLimits {
@@ -447,6 +531,45 @@ async fn forward(
         .proxy_overhead
         .observe((before_upstream + headers_at.elapsed()).as_secs_f64());
     Ok(response)
+}
+
+/// The run a request names in the first of `names` it carries.
+fn run_name(headers: &HeaderMap, names: &[String]) -> Option<String> {
+    names.iter().find_map(|name| {
+        let value = headers.get(name.as_str())?.to_str().ok()?.trim();
+        // Bounded: a run id is attribution, kept in memory and written to the audit log.
+        (!value.is_empty() && value.len() <= 200).then(|| value.to_owned())
+    })
+}
+
+/// `x-tokenwarden-warning`: the conditions a run crossed under `action = "warn"`.
+fn insert_warnings(headers: &mut HeaderMap, warnings: &[runs::Crossed]) {
+    let text = warnings
+        .iter()
+        .map(|w| w.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let value = HeaderValue::from_str(&text).unwrap_or_else(|_| {
+        let names: Vec<&str> = warnings.iter().map(|w| w.condition.as_str()).collect();
+        HeaderValue::from_str(&names.join(", ")).unwrap_or(HeaderValue::from_static("warning"))
+    });
+    headers.insert("x-tokenwarden-warning", value);
+}
+
+/// A request that never got an answer from the provider counts as an upstream error
+/// of its run.
+fn settle_failed(state: &AppState, agent: &Agent, ticket: runs::Ticket) {
+    let run = ticket.run.clone();
+    if let Some(crossed) = ticket.settle(0, 0, runs::Ending::UpstreamError) {
+        settle::run_event(
+            &state.audit,
+            &state.metrics,
+            agent,
+            &run,
+            settle::RunEvent::Stopped,
+            &crossed,
+        );
+    }
 }
 
 /// `x-tokenwarden-budget-remaining-usd` and `-tokens`: what the tightest budget of each

@@ -14,15 +14,17 @@ use http::header::HeaderValue;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::tap::{Observer, StreamEnd};
+use super::tap::{Flow, Observer, StreamEnd};
 use super::{AppState, Rejected, RequestMeta};
 use crate::audit::{now_rfc3339, AuditLog, Record};
+use crate::guard::runs::{Allowance, Condition, Crossed, Ending, Ticket};
 use crate::guard::Slot;
 use crate::identity::Agent;
 use crate::ledger::{usd_to_nanos, Amount, Hold};
 use crate::metering::decode::Decoder;
 use crate::metering::{Endpoint, Metered, Price, UsageObserver};
 use crate::metrics::Metrics;
+use crate::providers::{ErrorClass, ProviderKind};
 
 /// The per-request context carried to the end of the response.
 pub struct Settlement {
@@ -52,6 +54,73 @@ pub struct Settlement {
     pub decoder: Option<Decoder>,
     pub started: Instant,
     pub upstream_ttfb: Duration,
+    /// The request's place in its run, settled with its spend.
+    pub ticket: Option<Ticket>,
+    /// For a stream of a run with stop conditions: what it may still spend.
+    pub brake: Option<Brake>,
+}
+
+/// Cuts a stream whose run crosses a stop condition on the way, with an error event in
+/// the provider's own shape, so SDKs raise instead of returning a truncated answer.
+pub struct Brake {
+    pub kind: ProviderKind,
+    pub allowance: Allowance,
+    pub run: Arc<str>,
+    pub agent: String,
+    /// Set once the stream is cut.
+    pub cut: Option<Condition>,
+}
+
+impl Brake {
+    /// Looks at the stream so far, between two events only (an event is never split).
+    fn check(&mut self, observer: &UsageObserver, price: Option<Price>) -> Flow {
+        if self.cut.is_some() || !observer.between_events() {
+            return Flow::Continue;
+        }
+        let usage = observer.running_usage();
+        let spent = |p: Price| usd_to_nanos(p.cost_usd(&usage));
+        let (condition, figures) =
+            if let Some(max) = self.allowance.tokens.filter(|&max| usage.total() >= max) {
+                (
+                    Condition::MaxTokens,
+                    format!("{} tokens in this stream, {max} were left", usage.total()),
+                )
+            } else if let Some((max, p)) = self
+                .allowance
+                .nanos
+                .zip(price)
+                .filter(|&(max, p)| spent(p) >= max)
+            {
+                (
+                    Condition::MaxUsd,
+                    format!(
+                        "${:.6} in this stream, ${:.6} was left",
+                        crate::ledger::nanos_to_usd(spent(p)),
+                        crate::ledger::nanos_to_usd(max)
+                    ),
+                )
+            } else if self.allowance.until.is_some_and(|t| Instant::now() >= t) {
+                (Condition::MaxDuration, "the run's time is up".to_owned())
+            } else {
+                return Flow::Continue;
+            };
+        self.cut = Some(condition);
+        let message = format!(
+            "tokenwarden: run {} of agent {} crossed {} during this stream ({figures}); the run is stopped",
+            self.run,
+            self.agent,
+            condition.as_str()
+        );
+        let body = self.kind.error_body(ErrorClass::PermissionDenied, &message);
+        let mut frame = Vec::with_capacity(body.len() + 32);
+        if self.kind == ProviderKind::Anthropic {
+            frame.extend_from_slice(b"event: error\n");
+        }
+        frame.extend_from_slice(b"data: ");
+        frame.extend_from_slice(&body);
+        frame.extend_from_slice(b"\n\n");
+        Flow::End(Bytes::from(frame))
+    }
 }
 
 /// How a forwarded request ended, as `tokenwarden_requests_total{outcome}` names it.
@@ -62,14 +131,19 @@ pub fn outcome(end: StreamEnd, status: u16) -> &'static str {
         StreamEnd::UpstreamError => "upstream_error",
         StreamEnd::IdleTimeout | StreamEnd::TotalTimeout => "timeout",
         StreamEnd::ClientGone => "client_gone",
+        StreamEnd::Stopped => "stopped",
     }
 }
 
 impl Observer for Settlement {
-    fn on_data(&mut self, data: &Bytes) {
+    fn on_data(&mut self, data: &Bytes) -> Flow {
         match &mut self.decoder {
             None => self.observer.observe(data),
             Some(decoder) => self.observer.observe(&decoder.decode(data)),
+        }
+        match &mut self.brake {
+            None => Flow::Continue,
+            Some(brake) => brake.check(&self.observer, self.price),
         }
     }
 
@@ -161,6 +235,8 @@ impl Settlement {
             request,
             observer,
             upstream_ttfb,
+            ticket,
+            brake,
             ..
         } = self;
         let dropped = observer.dropped_events();
@@ -174,6 +250,19 @@ impl Settlement {
             });
         }
         let outcome = outcome(end, status);
+        let run = ticket.as_ref().map(|t| t.run.to_string());
+        if let Some(ticket) = ticket {
+            let ending = match (brake.and_then(|b| b.cut), end) {
+                (Some(condition), _) => Ending::Cut(condition),
+                (None, StreamEnd::Complete) if status < 400 => Ending::Ok,
+                (None, StreamEnd::ClientGone) => Ending::Ok,
+                _ => Ending::UpstreamError,
+            };
+            let stopped = ticket.settle(usage.total(), usd_to_nanos(cost), ending);
+            if let (Some(crossed), Some(run)) = (stopped, &run) {
+                run_event(&audit, &metrics, &agent, run, RunEvent::Stopped, &crossed);
+            }
+        }
 
         let model_label = metrics.model_label(if model.is_empty() { "none" } else { &model });
         let team = agent.team.as_deref().unwrap_or("");
@@ -220,7 +309,7 @@ impl Settlement {
             request_id: request_id.to_str().unwrap_or_default().to_owned(),
             agent: Some(agent.id.clone()),
             team: agent.team.clone(),
-            run: None,
+            run,
             provider: Some(provider.clone()),
             model: (!model.is_empty()).then(|| model.clone()),
             method: method.to_string(),
@@ -239,6 +328,7 @@ impl Settlement {
             ttfb_ms: Some(upstream_ttfb.as_secs_f64() * 1e3),
             fingerprint: (!request.is_empty()).then(|| hex::encode(Sha256::digest(&request))),
             client: client_addr.to_string(),
+            detail: None,
             request_body: include_bodies.then(|| String::from_utf8_lossy(&request).into_owned()),
             response_body,
         });
@@ -269,6 +359,59 @@ impl Settlement {
     }
 }
 
+/// What happened to a run, as its audit line says.
+#[derive(Debug, Clone, Copy)]
+pub enum RunEvent {
+    Stopped,
+    Warning,
+}
+
+/// Writes a run's stop or warning: an audit line and a metric.
+pub fn run_event(
+    audit: &AuditLog,
+    metrics: &Metrics,
+    agent: &Agent,
+    run: &str,
+    event: RunEvent,
+    crossed: &Crossed,
+) {
+    let condition = crossed.condition.as_str();
+    let outcome = match event {
+        RunEvent::Stopped => {
+            metrics
+                .runs_stopped
+                .with_label_values(&[&agent.id, condition])
+                .inc();
+            tracing::warn!(
+                agent = agent.id,
+                run,
+                condition,
+                "run stopped: {}",
+                crossed.message
+            );
+            "stopped"
+        }
+        RunEvent::Warning => {
+            metrics
+                .run_warnings
+                .with_label_values(&[&agent.id, condition])
+                .inc();
+            "warning"
+        }
+    };
+    audit.append(Record {
+        ts: now_rfc3339(),
+        kind: "run",
+        agent: Some(agent.id.clone()),
+        team: agent.team.clone(),
+        run: Some(run.to_owned()),
+        outcome,
+        reason: condition.to_owned(),
+        detail: Some(crossed.message.clone()),
+        ..Record::default()
+    });
+}
+
 /// Counts, audits and logs a request the proxy answered itself.
 pub fn reject(state: &AppState, meta: &RequestMeta, rejected: Rejected) {
     let Rejected {
@@ -276,6 +419,7 @@ pub fn reject(state: &AppState, meta: &RequestMeta, rejected: Rejected) {
         agent,
         provider,
         model,
+        run,
         ..
     } = rejected;
     let status = error.class().status().as_u16();
@@ -318,7 +462,7 @@ pub fn reject(state: &AppState, meta: &RequestMeta, rejected: Rejected) {
         request_id: meta.request_id.to_str().unwrap_or_default().to_owned(),
         agent: agent.as_ref().map(|a| a.id.clone()),
         team: agent.as_ref().and_then(|a| a.team.clone()),
-        run: None,
+        run,
         provider,
         model: model.filter(|m| !m.is_empty()),
         method: meta.method.to_string(),

@@ -36,6 +36,9 @@ pub enum StreamEnd {
     TotalTimeout,
     /// The client went away before the end (the body was dropped unfinished).
     ClientGone,
+    /// The proxy ended the stream itself (a run crossed a stop condition), closing the
+    /// upstream after a last frame of its own.
+    Stopped,
 }
 
 impl StreamEnd {
@@ -46,14 +49,23 @@ impl StreamEnd {
             StreamEnd::IdleTimeout => "idle_timeout",
             StreamEnd::TotalTimeout => "total_timeout",
             StreamEnd::ClientGone => "client_gone",
+            StreamEnd::Stopped => "stopped",
         }
     }
+}
+
+/// What an observer wants after seeing a frame.
+#[derive(Debug)]
+pub enum Flow {
+    Continue,
+    /// Send this frame after the current one, then end the stream and close the upstream.
+    End(Bytes),
 }
 
 /// Watches a response body go by.
 pub trait Observer: Send + 'static {
     /// Called with every data frame, before the client gets it.
-    fn on_data(&mut self, data: &Bytes);
+    fn on_data(&mut self, data: &Bytes) -> Flow;
     /// Called exactly once, when the stream ends for any reason.
     fn on_end(self, end: StreamEnd);
 }
@@ -91,6 +103,8 @@ pin_project! {
         last_frame: Instant,
         // `Some` until the stream is settled; taking it is what makes settlement single.
         observer: Option<O>,
+        // The observer's last frame, sent before the stream ends early.
+        last: Option<Bytes>,
     }
 
     impl<B, O: Observer> PinnedDrop for TapBody<B, O> {
@@ -116,6 +130,7 @@ impl<B, O: Observer> TapBody<B, O> {
             limits,
             last_frame: now,
             observer: Some(observer),
+            last: None,
         }
     }
 }
@@ -140,6 +155,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, TapError>>> {
         let mut this = self.project();
+        if let Some(last) = this.last.take() {
+            // Ended early: close the upstream, so generation stops, then settle.
+            this.inner.set(None);
+            settle(this.observer, StreamEnd::Stopped);
+            return Poll::Ready(Some(Ok(Frame::data(last))));
+        }
         let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
             return Poll::Ready(None);
         };
@@ -154,7 +175,10 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 *this.last_frame = Instant::now();
                 if let (Some(data), Some(observer)) = (frame.data_ref(), this.observer.as_mut()) {
-                    observer.on_data(data);
+                    if let Flow::End(last) = observer.on_data(data) {
+                        *this.last = Some(last);
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
                 }
                 if inner.is_end_stream() {
                     settle(this.observer, StreamEnd::Complete);
@@ -213,8 +237,9 @@ mod tests {
     struct Seen(Arc<Mutex<(Vec<u8>, Vec<StreamEnd>)>>);
 
     impl Observer for Seen {
-        fn on_data(&mut self, data: &Bytes) {
+        fn on_data(&mut self, data: &Bytes) -> Flow {
             self.0.lock().unwrap().0.extend_from_slice(data);
+            Flow::Continue
         }
         fn on_end(self, end: StreamEnd) {
             self.0.lock().unwrap().1.push(end);
@@ -256,6 +281,49 @@ mod tests {
         assert_eq!(got, b"data: a\n\ndata: b\n\n");
         assert_eq!(seen.0, got);
         assert_eq!(seen.1, vec![StreamEnd::Complete]);
+    }
+
+    /// Ends the stream after the second frame with a frame of its own.
+    struct Brake(Seen, usize);
+
+    impl Observer for Brake {
+        fn on_data(&mut self, data: &Bytes) -> Flow {
+            self.1 += 1;
+            self.0.on_data(data);
+            if self.1 == 2 {
+                Flow::End(Bytes::from_static(b"data: stop\n\n"))
+            } else {
+                Flow::Continue
+            }
+        }
+        fn on_end(self, end: StreamEnd) {
+            self.0.on_end(end);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_observer_can_end_the_stream_with_a_last_frame() {
+        let seen = Seen::default();
+        let (tx, body) = channel_body();
+        let mut tap = Box::pin(TapBody::new(
+            body,
+            Brake(seen.clone(), 0),
+            limits(1000, 5000),
+        ));
+        for chunk in ["data: a\n\n", "data: b\n\n", "data: c\n\n"] {
+            tx.send(Ok(Frame::data(Bytes::from_static(chunk.as_bytes()))))
+                .await
+                .unwrap();
+        }
+        let mut got = Vec::new();
+        while let Some(frame) = tap.frame().await {
+            got.extend_from_slice(frame.unwrap().data_ref().unwrap());
+        }
+        assert_eq!(got, b"data: a\n\ndata: b\n\ndata: stop\n\n");
+        assert!(tx.is_closed(), "the upstream was closed at once");
+        assert!(tap.is_end_stream());
+        drop(tap);
+        assert_eq!(seen.0.lock().unwrap().1, vec![StreamEnd::Stopped]);
     }
 
     #[tokio::test]

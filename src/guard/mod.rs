@@ -3,6 +3,8 @@
 //! they are reserved and settled like a budget (see `ledger`), so a stream's real size
 //! counts, not a guess.
 
+pub mod runs;
+
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -92,5 +94,51 @@ mod tests {
         assert!(g.enter("a", 2).is_none());
         drop(a);
         assert!(g.enter("a", 2).is_some());
+    }
+}
+
+/// The kill switches an admin throws: every agent at once, or one by one. They outlive
+/// config reloads, and the audit log restores them at start.
+#[derive(Debug, Default)]
+pub struct Switches {
+    all: std::sync::atomic::AtomicBool,
+    agents: Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl Switches {
+    /// Whether `agent` may not send requests: `Some("all")` under pause-all,
+    /// `Some("agent")` when it is paused itself.
+    pub fn paused(&self, agent: &str) -> Option<&'static str> {
+        if self.all.load(Ordering::Acquire) {
+            Some("all")
+        } else if lock(&self.agents).contains(agent) {
+            Some("agent")
+        } else {
+            None
+        }
+    }
+
+    /// Pauses or resumes every agent; returns whether this changed anything.
+    pub fn set_all(&self, paused: bool) -> bool {
+        self.all.swap(paused, Ordering::AcqRel) != paused
+    }
+
+    /// Pauses or resumes one agent; returns whether this changed anything.
+    pub fn set_agent(&self, agent: &str, paused: bool) -> bool {
+        let mut agents = lock(&self.agents);
+        if paused {
+            agents.insert(agent.to_owned())
+        } else {
+            agents.remove(agent)
+        }
+    }
+
+    pub fn all_paused(&self) -> bool {
+        self.all.load(Ordering::Acquire)
+    }
+
+    /// Agents paused one by one.
+    pub fn paused_agents(&self) -> Vec<String> {
+        lock(&self.agents).iter().cloned().collect()
     }
 }
