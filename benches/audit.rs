@@ -53,6 +53,7 @@ fn bench(c: &mut Criterion) {
                         max_file_bytes: 64 << 20,
                         commit_interval: std::time::Duration::from_millis(5),
                         hmac_key: None,
+                        snapshot: None,
                     },
                     records.clone(),
                     IntCounter::new("e", "e").expect("counter"),

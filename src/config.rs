@@ -163,6 +163,11 @@ pub struct StorageConfig {
     /// Longest wait for Redis before a request of a limited agent is refused (503).
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
+    /// How often the audit writer snapshots the settled spend, so that a start replays
+    /// only the audit lines written since (at most this long of them, plus what a crash
+    /// cut short of the interval).
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
 }
 
 impl Default for StorageConfig {
@@ -172,6 +177,7 @@ impl Default for StorageConfig {
             redis_url: None,
             redis_password_env: None,
             redis_timeout: Duration::from_millis(500),
+            snapshot_interval: Duration::from_secs(30),
         }
     }
 }
@@ -513,6 +519,7 @@ impl Config {
                 "server.header_read_timeout",
                 self.server.header_read_timeout,
             ),
+            ("storage.snapshot_interval", self.storage.snapshot_interval),
         ] {
             if d.is_zero() {
                 bad(name.into(), "must be greater than 0");
@@ -743,7 +750,21 @@ key_sha256 = "{KEY_HASH}"
         assert_eq!(c.server.listen, "127.0.0.1:8080");
         assert_eq!(c.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.storage.snapshot_interval, Duration::from_secs(30));
         assert_eq!(c.providers[0].kind, ProviderKindConfig::Openai);
+    }
+
+    #[test]
+    fn the_snapshot_interval_is_a_positive_duration() {
+        let text = format!("[storage]\nsnapshot_interval = \"250ms\"\n{}", minimal());
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.storage.snapshot_interval, Duration::from_millis(250));
+        let text = format!("[storage]\nsnapshot_interval = \"0s\"\n{}", minimal());
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("storage.snapshot_interval: must be greater than 0"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tokenwarden::audit::{self, AuditLog, AuditSettings};
+use tokenwarden::audit::{self, AuditLog, AuditSettings, SnapshotSettings};
 use tokenwarden::config::Config;
 use tokenwarden::ledger::redis::{RedisLedger, RedisSettings};
-use tokenwarden::ledger::{Calendar, Ledger, SystemClock};
+use tokenwarden::ledger::{snapshot, Calendar, Ledger, SystemClock};
 use tokenwarden::proxy::{AppState, Live};
 use tokenwarden::secret::Secret;
 use tokenwarden::server::{self, Listeners};
@@ -226,16 +226,39 @@ fn audit_verify(paths: Vec<PathBuf>, config_path: PathBuf) -> anyhow::Result<()>
 async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
     let live = load_live(&path)?;
     let metrics = Arc::new(tokenwarden::metrics::Metrics::new()?);
-    let audit = Arc::new(AuditLog::open(
+    let timezone = live.config.budgets.timezone.clone();
+    let tz = jiff::tz::TimeZone::get(&timezone)?;
+    let (audit, restored) = AuditLog::open_restoring(
         AuditSettings {
             dir: live.config.storage.dir.join("audit"),
             max_file_bytes: live.config.audit.max_file_bytes,
             commit_interval: live.config.audit.commit_interval,
             hmac_key: audit_key(&live.config)?,
+            snapshot: Some(SnapshotSettings {
+                path: live.config.storage.dir.join(snapshot::FILE_NAME),
+                interval: live.config.storage.snapshot_interval,
+                timezone,
+                tz: tz.clone(),
+            }),
         },
         metrics.audit_records.clone(),
         metrics.audit_write_errors.clone(),
-    )?);
+    )?;
+    let audit = Arc::new(audit);
+    let ledger = Ledger::new(tz.clone(), Arc::new(SystemClock));
+    if let Some(restored) = restored {
+        live.policies.restore(&ledger, &restored.aggregate);
+        match restored.snapshot_seq {
+            Some(seq) => tracing::info!(
+                "budgets rebuilt from snapshot at seq {seq} plus {} audit lines",
+                restored.lines
+            ),
+            None => tracing::info!(
+                "budgets rebuilt from the audit log ({} lines)",
+                restored.lines
+            ),
+        }
+    }
     let listeners = Listeners::bind(&live.config.server.listen, &live.config.admin.listen).await?;
     let scheme = if live.config.server.tls.is_some() {
         "https"
@@ -247,12 +270,6 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
         listeners.proxy.local_addr()?,
         listeners.admin.local_addr()?
     ));
-    let tz = jiff::tz::TimeZone::get(&live.config.budgets.timezone)?;
-    let ledger = Ledger::new(tz.clone(), Arc::new(SystemClock));
-    let replayed = live
-        .policies
-        .replay_audit(&ledger, &live.config.storage.dir.join("audit"))?;
-    tracing::info!(replayed, "budgets rebuilt from the audit log");
     let redis = redis_ledger(&live.config, &tz)?;
     let state = Arc::new(AppState::new(live, metrics, audit, ledger, redis));
     let stopped = state

@@ -564,7 +564,11 @@ async fn tokens_per_minute_are_reserved_like_a_budget() {
 async fn kill_9_under_load_loses_no_settled_spend_and_charges_nothing_twice() {
     let mock = Mock::start();
     let budget = "[[agents.budgets]]\nperiod = \"total\"\ntokens = 100000000";
-    let config = budget_config(&mock, budget, "");
+    // Snapshots all along: the crash lands between two of them, or in one.
+    let config = budget_config(&mock, budget, "").replace(
+        "[upstream]",
+        "[storage]\nsnapshot_interval = \"20ms\"\n[upstream]",
+    );
     let proxy = Proxy::start(&config);
     let url = proxy.url("/openai/v1/chat/completions");
     let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":50,"messages":[{"role":"user","content":"load"}]}"#;
@@ -599,6 +603,7 @@ async fn kill_9_under_load_loses_no_settled_spend_and_charges_nothing_twice() {
     }
     tokio::time::sleep(Duration::from_millis(150)).await;
     let data = proxy.dir.path().join("data");
+    wait_for_snapshot(&data, 1).await;
     let mut proc = proxy.proc;
     std::process::Command::new("kill")
         .args(["-9", &proc.pid().to_string()])
@@ -648,7 +653,19 @@ async fn kill_9_under_load_loses_no_settled_spend_and_charges_nothing_twice() {
         );
     }
 
-    // After the restart the ledger holds exactly what the log holds.
+    // After the restart the ledger holds exactly what the log holds, rebuilt from the
+    // last snapshot and the lines after it.
+    let snapshot_seq = wait_for_snapshot(&data, 1).await["seq"].as_u64().unwrap();
+    assert!(snapshot_seq <= lines.len() as u64, "{snapshot_seq}");
+    proxy
+        .wait_for_log(
+            &format!(
+                "budgets rebuilt from snapshot at seq {snapshot_seq} plus {} audit lines",
+                lines.len() as u64 - snapshot_seq
+            ),
+            1,
+        )
+        .await;
     let spent = spent_tokens(&lines, "agent-a");
     let metrics = proxy.metrics_text().await;
     let want = format!(
@@ -749,4 +766,271 @@ async fn a_client_that_leaves_before_the_answer_is_still_settled_and_audited() {
     assert!(metrics.contains(
         "tokenwarden_budget_reserved{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"} 0"
     ));
+}
+
+// === restarts and the ledger snapshot ===
+
+/// agent-a and agent-b both in team-1: agent-a has a day and a total budget, the team a
+/// total budget (the tightest for both, so the remaining-tokens header shows the team's
+/// spend, which a restart derives from its agents). The snapshot every `interval`.
+fn restart_config(mock: &Mock, interval: &str, timezone: &str) -> String {
+    let budgets = "[[agents.budgets]]\nperiod = \"day\"\ntokens = 1000000\n\
+                   [[agents.budgets]]\nperiod = \"total\"\ntokens = 2000000";
+    let tail = format!(
+        "\n[[teams]]\nid = \"team-1\"\n[[teams.budgets]]\nperiod = \"total\"\ntokens = {TEAM_TOKENS}\n\
+         [budgets]\ntimezone = \"{timezone}\"\n"
+    );
+    budget_config(mock, budgets, &tail)
+        .replacen("id = \"agent-b\"", "id = \"agent-b\"\nteam = \"team-1\"", 1)
+        .replace(
+            "[upstream]",
+            &format!("[storage]\nsnapshot_interval = \"{interval}\"\n[upstream]"),
+        )
+}
+
+const TEAM_TOKENS: u64 = 500_000;
+
+/// What the team budget has left after the spend in `lines`.
+fn team_remaining(lines: &[Value]) -> u64 {
+    TEAM_TOKENS - spent_tokens(lines, "agent-a") - spent_tokens(lines, "agent-b")
+}
+
+/// One small chat request; its response headers.
+async fn chat(proxy: &Proxy, key: &str) -> http::HeaderMap {
+    let (status, h, b) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(key))],
+        r#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+    h
+}
+
+/// Stops the proxy as a crash would: nothing is written on the way out.
+fn crash(proxy: Proxy) {
+    let mut proc = proxy.proc;
+    std::process::Command::new("kill")
+        .args(["-9", &proc.pid().to_string()])
+        .status()
+        .unwrap();
+    proc.child.wait().unwrap();
+}
+
+/// Stops the proxy with SIGTERM and waits until it has exited (the audit log and the
+/// snapshot closed).
+fn stop(proxy: Proxy) -> String {
+    let mut proc = proxy.proc;
+    std::process::Command::new("kill")
+        .args(["-TERM", &proc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(proc.child.wait().unwrap().success(), "{}", proc.log_text());
+    proc.log_text()
+}
+
+/// The budget gauges of a metrics page, sorted.
+fn budget_gauges(metrics: &str) -> Vec<String> {
+    let mut lines: Vec<String> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tokenwarden_budget_remaining{"))
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    assert!(!lines.is_empty(), "no budget gauges in\n{metrics}");
+    lines
+}
+
+fn snapshot_path(data: &std::path::Path) -> std::path::PathBuf {
+    data.join("ledger-snapshot.json")
+}
+
+/// Waits until the snapshot in `data` holds the audit log up to line `seq` at least.
+async fn wait_for_snapshot(data: &std::path::Path, seq: u64) -> Value {
+    let mut last = None;
+    for _ in 0..250 {
+        if let Ok(bytes) = std::fs::read(snapshot_path(data)) {
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            if v["seq"].as_u64().unwrap() >= seq {
+                return v;
+            }
+            last = Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no snapshot up to seq {seq}; last: {last:?}");
+}
+
+#[tokio::test]
+async fn a_restart_resumes_from_the_snapshot_plus_the_lines_after_it() {
+    let mock = Mock::start();
+    let data = tempfile::tempdir().unwrap();
+    let start = |interval: &str| {
+        Proxy::start(&with_storage(
+            &restart_config(&mock, interval, "UTC"),
+            data.path(),
+        ))
+    };
+
+    // Snapshots every 100 ms: spend, and wait for one that holds all of it.
+    let proxy = start("100ms");
+    for key in [KEY_A, KEY_B, KEY_A, KEY_A, KEY_B] {
+        chat(&proxy, key).await;
+    }
+    wait_for_audit_lines_in(&data.path().join("audit"), 5).await;
+    let snapshot = wait_for_snapshot(data.path(), 5).await;
+    assert_eq!(snapshot["version"], 1);
+    assert_eq!(snapshot["timezone"], "UTC");
+    let lines = audit_lines_in(&data.path().join("audit"));
+    assert_eq!(
+        snapshot["hash"], lines[4]["hash"],
+        "the hash of its last line"
+    );
+    assert_eq!(
+        snapshot["agents"]["agent-b"]["total"]["tokens"].as_u64(),
+        Some(spent_tokens(&lines, "agent-b"))
+    );
+    crash(proxy);
+
+    // Spend after the snapshot, in a run that writes no other before it dies.
+    let proxy = start("1h");
+    proxy
+        .wait_for_log(
+            "budgets rebuilt from snapshot at seq 5 plus 0 audit lines",
+            1,
+        )
+        .await;
+    for key in [KEY_B, KEY_A, KEY_A] {
+        chat(&proxy, key).await;
+    }
+    wait_for_audit_lines_in(&data.path().join("audit"), 8).await;
+    let lines = audit_lines_in(&data.path().join("audit"));
+    let before = budget_gauges(&proxy.metrics_text().await);
+    crash(proxy);
+    assert_eq!(wait_for_snapshot(data.path(), 0).await["seq"], 5);
+
+    // The snapshot plus the three lines after it: the same budgets as before.
+    let proxy = start("1h");
+    proxy
+        .wait_for_log(
+            "budgets rebuilt from snapshot at seq 5 plus 3 audit lines",
+            1,
+        )
+        .await;
+    assert_eq!(budget_gauges(&proxy.metrics_text().await), before);
+    let h = chat(&proxy, KEY_A).await;
+    assert_eq!(
+        header_num::<u64>(&h, "x-tokenwarden-budget-remaining-tokens"),
+        team_remaining(&lines)
+    );
+}
+
+#[tokio::test]
+async fn the_lines_a_snapshot_holds_are_not_read_again() {
+    let mock = Mock::start();
+    let data = tempfile::tempdir().unwrap();
+    let config = with_storage(&restart_config(&mock, "1h", "UTC"), data.path());
+
+    // A snapshot is written at shutdown, however long the interval.
+    let proxy = Proxy::start(&config);
+    for key in [KEY_A, KEY_A, KEY_B, KEY_A] {
+        chat(&proxy, key).await;
+    }
+    wait_for_audit_lines_in(&data.path().join("audit"), 4).await;
+    stop(proxy);
+    assert_eq!(wait_for_snapshot(data.path(), 4).await["seq"], 4);
+    let lines = audit_lines_in(&data.path().join("audit"));
+    let remaining = team_remaining(&lines);
+
+    // Rewrite the first line, inside the snapshot, to 1000 more input tokens.
+    let file = tokenwarden::audit::log_files(&data.path().join("audit"))
+        .unwrap()
+        .remove(0);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let (first, rest) = text.split_once('\n').unwrap();
+    let n = lines[0]["input_tokens"].as_u64().unwrap();
+    let edited = first.replacen(
+        &format!("\"input_tokens\":{n},"),
+        &format!("\"input_tokens\":{},", n + 1000),
+        1,
+    );
+    assert_ne!(edited, first);
+    std::fs::write(&file, format!("{edited}\n{rest}")).unwrap();
+
+    // From the snapshot: the edit is not seen.
+    let proxy = Proxy::start(&config);
+    proxy
+        .wait_for_log(
+            "budgets rebuilt from snapshot at seq 4 plus 0 audit lines",
+            1,
+        )
+        .await;
+    let h = chat(&proxy, KEY_A).await;
+    assert_eq!(
+        header_num::<u64>(&h, "x-tokenwarden-budget-remaining-tokens"),
+        remaining
+    );
+    wait_for_audit_lines_in(&data.path().join("audit"), 5).await;
+    crash(proxy);
+
+    // Without the snapshot the whole log is replayed, the edit with it.
+    std::fs::remove_file(snapshot_path(data.path())).unwrap();
+    let proxy = Proxy::start(&config);
+    proxy
+        .wait_for_log("budgets rebuilt from the audit log (5 lines)", 1)
+        .await;
+    assert!(proxy.proc.log_text().contains("no ledger snapshot"));
+    let lines = audit_lines_in(&data.path().join("audit"));
+    let h = chat(&proxy, KEY_A).await;
+    let replayed = header_num::<u64>(&h, "x-tokenwarden-budget-remaining-tokens");
+    assert_eq!(replayed, team_remaining(&lines));
+    assert!(replayed + 1000 < remaining, "{replayed} vs {remaining}");
+}
+
+#[tokio::test]
+async fn a_snapshot_that_does_not_fit_is_ignored_and_the_log_replayed() {
+    let mock = Mock::start();
+    let data = tempfile::tempdir().unwrap();
+    let config = |tz: &str| with_storage(&restart_config(&mock, "1h", tz), data.path());
+    let proxy = Proxy::start(&config("UTC"));
+    for key in [KEY_A, KEY_B, KEY_A] {
+        chat(&proxy, key).await;
+    }
+    wait_for_audit_lines_in(&data.path().join("audit"), 3).await;
+    let before = budget_gauges(&proxy.metrics_text().await);
+    stop(proxy);
+    let good = std::fs::read(snapshot_path(data.path())).unwrap();
+    let mut past_the_log: Value = serde_json::from_slice(&good).unwrap();
+    past_the_log["seq"] = 99.into();
+
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "UTC",
+            b"\x00\x01 not a snapshot".to_vec(),
+            "not a ledger snapshot",
+        ),
+        ("Europe/Berlin", good, "written for time zone \"UTC\""),
+        (
+            "UTC",
+            serde_json::to_vec(&past_the_log).unwrap(),
+            "does not hold line 99",
+        ),
+    ];
+    for (tz, snapshot, why) in cases {
+        std::fs::write(snapshot_path(data.path()), snapshot).unwrap();
+        let proxy = Proxy::start(&config(tz));
+        proxy
+            .wait_for_log("budgets rebuilt from the audit log (3 lines)", 1)
+            .await;
+        let log = proxy.proc.log_text();
+        assert!(
+            log.contains("WARN")
+                && log.contains("ignoring the ledger snapshot")
+                && log.contains(why),
+            "{log}"
+        );
+        // The periods here are total and a day of spend made just now, in either zone.
+        assert_eq!(budget_gauges(&proxy.metrics_text().await), before, "{tz}");
+        crash(proxy);
+    }
 }

@@ -8,9 +8,16 @@
 //! The queue never drops a settled record. It is bounded by admission instead: while the
 //! writer is failing or far behind, [`AuditLog::accepting`] is false and the proxy
 //! refuses new requests (fail closed), so only requests already in flight can add to it.
+//!
+//! The writer also keeps the ledger snapshot: it folds each record's spend once the
+//! record is on disk and every `snapshot.interval` (and at close) writes the total of the
+//! lines written so far, so that a start replays only the lines after it.
 
+mod restore;
 pub mod verify;
 mod writer;
+
+pub use restore::Restored;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,6 +94,18 @@ pub struct AuditSettings {
     /// writes and fsyncs them together: one disk flush per interval, not per request.
     pub commit_interval: std::time::Duration,
     pub hmac_key: Option<Secret<Vec<u8>>>,
+    /// Keep a ledger snapshot; without, a start has to replay the whole log.
+    pub snapshot: Option<SnapshotSettings>,
+}
+
+/// Where and how often the ledger snapshot is written.
+#[derive(Debug, Clone)]
+pub struct SnapshotSettings {
+    pub path: PathBuf,
+    pub interval: std::time::Duration,
+    /// `budgets.timezone`, whose calendar the snapshot's windows follow, and the zone.
+    pub timezone: String,
+    pub tz: jiff::tz::TimeZone,
 }
 
 struct Queue {
@@ -131,7 +150,28 @@ impl AuditLog {
         records_total: IntCounter,
         write_errors_total: IntCounter,
     ) -> Result<AuditLog, AuditError> {
+        Self::open_restoring(settings, records_total, write_errors_total).map(|(log, _)| log)
+    }
+
+    /// [`AuditLog::open`], and with `settings.snapshot` also the settled spend of the log
+    /// (snapshot plus the lines after it), to rebuild the ledger from. The writer goes on
+    /// from the same spend, so its snapshots stay exact.
+    pub fn open_restoring(
+        settings: AuditSettings,
+        records_total: IntCounter,
+        write_errors_total: IntCounter,
+    ) -> Result<(AuditLog, Option<Restored>), AuditError> {
         let state = writer::recover(&settings)?;
+        // After the recovery: a torn last line is gone, the chain's tail is the log's.
+        let restored = match &settings.snapshot {
+            Some(snapshot) => Some(restore::restore(&settings.dir, snapshot)?),
+            None => None,
+        };
+        let snapshots = settings
+            .snapshot
+            .as_ref()
+            .zip(restored.as_ref())
+            .map(|(s, r)| writer::Snapshots::new(s, r.aggregate.clone()));
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 pending: Vec::new(),
@@ -147,15 +187,16 @@ impl AuditLog {
         let thread_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer::run(thread_shared, settings, state))
+            .spawn(move || writer::run(thread_shared, settings, state, snapshots))
             .map_err(|source| AuditError::Dir {
                 dir: PathBuf::from("(writer thread)"),
                 source,
             })?;
-        Ok(AuditLog {
+        let log = AuditLog {
             shared,
             writer: Mutex::new(Some(writer)),
-        })
+        };
+        Ok((log, restored))
     }
 
     /// Queues a record. Never blocks on I/O and never drops the record.
@@ -259,6 +300,7 @@ mod tests {
             max_file_bytes,
             commit_interval: std::time::Duration::from_millis(1),
             hmac_key: key.map(|k| Secret::new(k.to_vec())),
+            snapshot: None,
         };
         AuditLog::open(settings, counter("records"), counter("errors")).unwrap()
     }

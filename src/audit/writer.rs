@@ -1,14 +1,19 @@
 //! The writer thread: chain, append, fsync per batch, rotate, and recover the tail of the
-//! chain at start (a torn last line from a crash is cut off, not fatal).
+//! chain at start (a torn last line from a crash is cut off, not fatal). It also keeps the
+//! ledger snapshot, from the records it has made durable.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{chain_hash, lock, log_files, AuditError, AuditSettings, Record, Shared, GENESIS_HASH};
+use super::{
+    chain_hash, lock, log_files, AuditError, AuditSettings, Record, Shared, SnapshotSettings,
+    GENESIS_HASH,
+};
+use crate::ledger::snapshot::{spend_of, write_atomic, Aggregate};
 
 /// Where the chain stands.
 pub(super) struct ChainState {
@@ -117,16 +122,118 @@ pub(super) fn encode_line(
     (line, hash)
 }
 
-pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: ChainState) {
+/// The ledger snapshot the writer keeps: the spend of every line it has made durable.
+pub(super) struct Snapshots {
+    aggregate: Aggregate,
+    path: PathBuf,
+    interval: Duration,
+    /// When a snapshot was last written or tried.
+    last: Instant,
+    /// Lines were folded since.
+    dirty: bool,
+}
+
+impl Snapshots {
+    /// Goes on from `aggregate`, the spend of the log as it is at start.
+    pub(super) fn new(settings: &SnapshotSettings, aggregate: Aggregate) -> Snapshots {
+        Snapshots {
+            aggregate,
+            path: settings.path.clone(),
+            interval: settings.interval,
+            last: Instant::now(),
+            dirty: false,
+        }
+    }
+
+    /// How long until a snapshot is due; `None` while there is nothing new to write.
+    fn due_in(&self) -> Option<Duration> {
+        self.dirty
+            .then(|| self.interval.saturating_sub(self.last.elapsed()))
+    }
+
+    /// Adds a batch that is on disk and ends with line `seq`, of hash `hash`.
+    fn fold(&mut self, batch: &[Record], seq: u64, hash: &str) {
+        for record in batch {
+            let Some(agent) = record.agent.as_deref() else {
+                continue;
+            };
+            let spend = spend_of(
+                record.input_tokens,
+                record.cached_input_tokens,
+                record.cache_write_tokens,
+                record.output_tokens,
+                record.cost_usd,
+            );
+            // `ts` comes from `now_rfc3339`: it parses unless a record was built by hand,
+            // and a replay of such a line would skip it just the same.
+            if let Ok(at) = record.ts.parse::<jiff::Timestamp>() {
+                self.aggregate.fold(agent, at, spend);
+            }
+        }
+        self.aggregate.advance(seq, hash);
+        self.dirty = true;
+    }
+
+    /// Writes the snapshot. A failure costs only a longer replay at the next start (the
+    /// log is the truth): it is logged and tried again an interval later.
+    fn write(&mut self) {
+        self.last = Instant::now();
+        match write_atomic(&self.path, &self.aggregate.to_json()) {
+            Ok(()) => self.dirty = false,
+            Err(e) => tracing::warn!(
+                file = %self.path.display(),
+                seq = self.aggregate.seq(),
+                "cannot write the ledger snapshot ({e}); trying again in {}",
+                humantime::format_duration(self.interval)
+            ),
+        }
+    }
+
+    fn write_if_dirty(&mut self) {
+        if self.dirty {
+            self.write();
+        }
+    }
+}
+
+pub(super) fn run(
+    shared: Arc<Shared>,
+    settings: AuditSettings,
+    mut state: ChainState,
+    mut snapshots: Option<Snapshots>,
+) {
     let key = settings.hmac_key.as_ref().map(|k| k.expose().as_slice());
     loop {
         let (batch, closing) = {
             let mut queue = lock(&shared.queue);
+            let mut snapshot_due = false;
             while queue.pending.is_empty() && !queue.closing {
-                queue = shared
-                    .wake
-                    .wait(queue)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                // Idle with lines not yet in a snapshot: wake when one is due.
+                match snapshots.as_ref().and_then(Snapshots::due_in) {
+                    Some(wait) if wait.is_zero() => {
+                        snapshot_due = true;
+                        break;
+                    }
+                    Some(wait) => {
+                        queue = shared
+                            .wake
+                            .wait_timeout(queue, wait)
+                            .map_or_else(|poisoned| poisoned.into_inner().0, |(q, _)| q);
+                    }
+                    None => {
+                        queue = shared
+                            .wake
+                            .wait(queue)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    }
+                }
+            }
+            if snapshot_due {
+                drop(queue);
+                if let Some(snapshots) = snapshots.as_mut() {
+                    snapshots.write();
+                }
+                continue;
             }
             if !queue.closing && !settings.commit_interval.is_zero() {
                 // Let the group grow: under load one fsync covers many requests.
@@ -137,6 +244,11 @@ pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: Chain
             if queue.pending.is_empty() && queue.closing {
                 // Marked under the lock: nothing can be appended after the last batch.
                 queue.closed = true;
+                drop(queue);
+                // The last snapshot covers the whole log: the next start replays nothing.
+                if let Some(snapshots) = snapshots.as_mut() {
+                    snapshots.write_if_dirty();
+                }
                 return;
             }
             (std::mem::take(&mut queue.pending), queue.closing)
@@ -172,6 +284,10 @@ pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: Chain
                             "giving up on the audit log at shutdown"
                         );
                         lock(&shared.queue).closed = true;
+                        // Still exact: it holds no line of the batch that failed.
+                        if let Some(snapshots) = snapshots.as_mut() {
+                            snapshots.write_if_dirty();
+                        }
                         return;
                     }
                     std::thread::sleep(RETRY_AFTER);
@@ -184,6 +300,14 @@ pub(super) fn run(shared: Arc<Shared>, settings: AuditSettings, mut state: Chain
         if !shared.healthy.swap(true, Ordering::AcqRel) {
             tracing::info!("the audit log is writable again");
             *lock(&shared.last_error) = None;
+        }
+        if let Some(snapshots) = snapshots.as_mut() {
+            // Folded only now that the batch is durable: a snapshot never counts a line
+            // the log could lose.
+            snapshots.fold(&batch, state.seq, &state.prev);
+            if snapshots.due_in() == Some(Duration::ZERO) {
+                snapshots.write();
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod period;
 pub mod redis;
+pub mod snapshot;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -299,16 +300,7 @@ impl Calendar {
     /// The window of `period` containing `now`, from the cache while it lasts.
     pub fn window(&self, period: Period, now: Timestamp) -> Window {
         let mut cache = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = &mut cache[period_index(period)];
-        let second = now.as_second();
-        if let Some((start, end)) = *slot {
-            if second >= start && end.is_none_or(|end| second < end) {
-                return (start, end);
-            }
-        }
-        let fresh = period.window(now, &self.tz);
-        *slot = Some(fresh);
-        fresh
+        cached_window(&mut cache, period, now, &self.tz)
     }
 }
 
@@ -317,17 +309,26 @@ pub struct Ledger {
     calendar: Calendar,
 }
 
-const PERIODS: usize = 6;
+pub(crate) const PERIODS: usize = Period::ALL.len();
 
-fn period_index(p: Period) -> usize {
-    match p {
-        Period::Minute => 0,
-        Period::Hour => 1,
-        Period::Day => 2,
-        Period::Week => 3,
-        Period::Month => 4,
-        Period::Total => 5,
+/// The window of `period` containing `now`, from `cache` while it lasts, else computed
+/// and cached.
+pub(crate) fn cached_window(
+    cache: &mut [Option<Window>; PERIODS],
+    period: Period,
+    now: Timestamp,
+    tz: &TimeZone,
+) -> Window {
+    let slot = &mut cache[period.index()];
+    let second = now.as_second();
+    if let Some((start, end)) = *slot {
+        if second >= start && end.is_none_or(|end| second < end) {
+            return (start, end);
+        }
     }
+    let fresh = period.window(now, tz);
+    *slot = Some(fresh);
+    fresh
 }
 
 impl Ledger {
@@ -460,20 +461,18 @@ impl Ledger {
         remaining
     }
 
-    /// Adds settled spend that happened at `at` (replaying the audit log at start): it
-    /// counts only toward windows that contain `at` and are still current.
-    pub fn replay(&self, keys: &[BudgetKey], spend: Amount, at: Timestamp) {
+    /// Adds settled spend of the window starting at `window` to `key` (rebuilding the
+    /// ledger at start): it counts only if that window is still the current one.
+    pub fn restore(&self, key: &BudgetKey, spend: Amount, window: i64) {
         let now = self.calendar.now();
         let mut accounts = self.lock();
-        for key in keys {
-            let (window, _) = self.window(key.period, now);
-            if key.period.window(at, &self.calendar.tz).0 != window {
-                continue;
-            }
-            let account = Self::account(&mut accounts, key, window);
-            account.spent.tokens += spend.tokens;
-            account.spent.nanos += spend.nanos;
+        let (current, _) = self.window(key.period, now);
+        if window != current {
+            return;
         }
+        let account = Self::account(&mut accounts, key, current);
+        account.spent.tokens += spend.tokens;
+        account.spent.nanos += spend.nanos;
     }
 
     /// Every account in its current window, for metrics and the admin API.
@@ -740,20 +739,16 @@ mod tests {
     }
 
     #[test]
-    fn replay_counts_only_current_windows() {
+    fn restore_counts_only_current_windows() {
         let (l, _) = ledger("2026-11-29T10:00:00Z");
         let day = key(Scope::Agent, "a", Period::Day);
         let total = key(Scope::Agent, "a", Period::Total);
-        l.replay(
-            &[day.clone(), total.clone()],
-            tokens(5),
-            "2026-11-28T10:00:00Z".parse().unwrap(),
-        );
-        l.replay(
-            &[day.clone(), total.clone()],
-            tokens(7),
-            "2026-11-29T09:00:00Z".parse().unwrap(),
-        );
+        let yesterday: Timestamp = "2026-11-28T00:00:00Z".parse().unwrap();
+        let today: Timestamp = "2026-11-29T00:00:00Z".parse().unwrap();
+        l.restore(&day, tokens(5), yesterday.as_second());
+        l.restore(&total, tokens(5), 0);
+        l.restore(&day, tokens(7), today.as_second());
+        l.restore(&total, tokens(7), 0);
         let limits = [
             Limit {
                 key: day,

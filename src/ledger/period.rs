@@ -4,9 +4,9 @@
 use jiff::civil::Weekday;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan, Zoned};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Period {
     /// Used for `tokens_per_minute`; also allowed as a budget period.
@@ -19,6 +19,28 @@ pub enum Period {
 }
 
 impl Period {
+    /// Every period, in the order of [`Period::index`].
+    pub const ALL: [Period; 6] = [
+        Period::Minute,
+        Period::Hour,
+        Period::Day,
+        Period::Week,
+        Period::Month,
+        Period::Total,
+    ];
+
+    /// A dense index, for per-period arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Period::Minute => 0,
+            Period::Hour => 1,
+            Period::Day => 2,
+            Period::Week => 3,
+            Period::Month => 4,
+            Period::Total => 5,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Period::Minute => "minute",

@@ -19,6 +19,7 @@ use crate::config::{BudgetConfig, Config, MissingMaxTokens};
 use crate::guard::runs::RunLimits;
 use crate::guard::{Guards, Slot};
 use crate::ledger::redis::{Admission, RedisLedger, Refusal};
+use crate::ledger::snapshot::Aggregate;
 use crate::ledger::{
     usd_to_nanos, Amount, Ask, BudgetKey, Exhausted, Hold, Ledger, Limit, Output, Period,
     Remaining, Scope,
@@ -394,62 +395,18 @@ async fn admit_shared(
     })
 }
 
-/// The fields of an audit line that carry settled spend.
-#[derive(serde::Deserialize)]
-struct SpendLine {
-    ts: String,
-    agent: Option<String>,
-    #[serde(default)]
-    input_tokens: u64,
-    #[serde(default)]
-    cached_input_tokens: u64,
-    #[serde(default)]
-    cache_write_tokens: u64,
-    #[serde(default)]
-    output_tokens: u64,
-    #[serde(default)]
-    cost_usd: f64,
-}
-
 impl Policies {
-    /// Rebuilds the ledger's current periods from the audit log, the record of every
-    /// settled request, so a restart (or a crash) resumes with the same remaining budget.
-    /// Returns how many lines carried spend.
-    pub fn replay_audit(&self, ledger: &Ledger, dir: &std::path::Path) -> std::io::Result<u64> {
-        let mut replayed = 0;
-        let files = match crate::audit::log_files(dir) {
-            Ok(files) => files,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        for file in files {
-            let text = std::fs::read(&file)?;
-            for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                let Ok(spend) = serde_json::from_slice::<SpendLine>(line) else {
-                    continue;
-                };
-                let Some(policy) = spend.agent.as_deref().and_then(|a| self.get(a)) else {
-                    continue;
-                };
-                let tokens = spend.input_tokens
-                    + spend.cached_input_tokens
-                    + spend.cache_write_tokens
-                    + spend.output_tokens;
-                if (tokens == 0 && spend.cost_usd == 0.0) || policy.limits.is_empty() {
-                    continue;
+    /// Rebuilds the ledger's current periods from the settled spend of the audit log, so
+    /// a restart (or a crash) resumes with the same remaining budget. Each of an agent's
+    /// budgets, its team's included, gets the agent's spend of that period: a team's
+    /// budget is the sum of its agents under this config, whatever team a line named.
+    pub fn restore(&self, ledger: &Ledger, spend: &Aggregate) {
+        for (agent, policy) in &self.0 {
+            for limit in &policy.limits {
+                if let Some(s) = spend.spend(agent, limit.key.period) {
+                    ledger.restore(&limit.key, s.amount(), s.window);
                 }
-                let Ok(at) = spend.ts.parse::<jiff::Timestamp>() else {
-                    continue;
-                };
-                let keys: Vec<BudgetKey> = policy.limits.iter().map(|l| l.key.clone()).collect();
-                let amount = Amount {
-                    tokens,
-                    nanos: usd_to_nanos(spend.cost_usd),
-                };
-                ledger.replay(&keys, amount, at);
-                replayed += 1;
             }
         }
-        Ok(replayed)
     }
 }

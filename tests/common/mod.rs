@@ -213,17 +213,7 @@ impl Proxy {
     /// Waits until the audit log holds `n` lines (the writer commits in groups, and
     /// settlements that count tokens finish a moment after the response).
     pub async fn wait_for_audit_lines(&self, n: usize) -> Vec<Value> {
-        for _ in 0..250 {
-            let lines = self.audit_lines();
-            if lines.len() >= n {
-                return lines;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "the audit log never reached {n} lines: {:?}",
-            self.audit_lines()
-        );
+        wait_for_audit_lines_in(&self.dir.path().join("data/audit"), n).await
     }
 
     /// The metrics page.
@@ -250,6 +240,22 @@ impl Proxy {
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
     }
+}
+
+/// Waits until the audit files in `dir` hold `n` lines (for a proxy whose data directory
+/// was set by [`with_storage`]).
+pub async fn wait_for_audit_lines_in(dir: &Path, n: usize) -> Vec<Value> {
+    for _ in 0..250 {
+        let lines = audit_lines_in(dir);
+        if lines.len() >= n {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "the audit log never reached {n} lines: {:?}",
+        audit_lines_in(dir)
+    );
 }
 
 /// Every line of the audit files in `dir`, parsed, in chain order.
@@ -356,12 +362,15 @@ pub fn json(body: &[u8]) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
 }
 
-/// `config` with its data directory set to `data`, to restart a proxy on the same state.
+/// `config` with its data directory set to `data`, to restart a proxy on the same state
+/// (into its `[storage]` table if it has one).
 pub fn with_storage(config: &str, data: &Path) -> String {
-    config.replace(
-        "[upstream]",
-        &format!("[storage]\ndir = \"{}\"\n[upstream]", data.display()),
-    )
+    let dir = format!("dir = \"{}\"\n", data.display());
+    if config.contains("[storage]\n") {
+        config.replacen("[storage]\n", &format!("[storage]\n{dir}"), 1)
+    } else {
+        config.replace("[upstream]", &format!("[storage]\n{dir}[upstream]"))
+    }
 }
 
 /// A numeric response header, parsed.
