@@ -356,6 +356,12 @@ pub enum Ending {
 }
 
 impl Ticket {
+    /// Stops the run now, for a condition crossed while this request runs (a stream
+    /// about to be cut). Returns whether the run was running until now.
+    pub fn stop(&self, crossed: Crossed) -> bool {
+        self.runs.stop_if_running(&self.agent, &self.run, crossed)
+    }
+
     /// Adds the request's spend to its run and stops the run if it now crosses a
     /// condition that only spend can cross. Returns the stop, if this made one.
     pub fn settle(mut self, tokens: u64, nanos: u64, ending: Ending) -> Option<Crossed> {
@@ -566,20 +572,8 @@ impl Runs {
             return None;
         }
         let crossed = match ending {
-            Ending::Cut(condition) => run
-                .crossed(agent, limits, None, now)
-                .into_iter()
-                .find(|c| c.condition == condition)
-                .or_else(|| {
-                    Some(Crossed {
-                        condition,
-                        message: format!(
-                            "run {} of agent {agent} crossed {} during a stream",
-                            run.id,
-                            condition.as_str()
-                        ),
-                    })
-                }),
+            // Stopped when the stream was cut (`Ticket::stop`), unless resumed since.
+            Ending::Cut(_) => None,
             // Spend alone can cross these; the request count waits for the next one.
             _ => run.crossed(agent, limits, None, now).into_iter().find(|c| {
                 matches!(
@@ -625,6 +619,25 @@ impl Runs {
             Timestamp::now().to_string(),
         );
         crossed
+    }
+
+    fn stop_if_running(&self, agent: &str, run: &str, crossed: Crossed) -> bool {
+        let mut inner = lock(&self.inner);
+        let Some(run) = inner
+            .agents
+            .get_mut(agent)
+            .and_then(|a| a.runs.get_mut(run))
+        else {
+            return false;
+        };
+        if run.stopped.is_some() {
+            return false;
+        }
+        run.stopped = Some(Stopped {
+            crossed,
+            at: Timestamp::now().to_string(),
+        });
+        true
     }
 
     /// Restores a stop written in the audit log (at start).

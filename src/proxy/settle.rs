@@ -72,10 +72,11 @@ pub struct Brake {
 }
 
 impl Brake {
-    /// Looks at the stream so far, between two events only (an event is never split).
-    fn check(&mut self, observer: &UsageObserver, price: Option<Price>) -> Flow {
+    /// Looks at the stream so far, between two events only (an event is never split):
+    /// the condition the stream crosses, with the figures, if any.
+    fn check(&mut self, observer: &UsageObserver, price: Option<Price>) -> Option<Crossed> {
         if self.cut.is_some() || !observer.between_events() {
-            return Flow::Continue;
+            return None;
         }
         let usage = observer.running_usage();
         let spent = |p: Price| usd_to_nanos(p.cost_usd(&usage));
@@ -100,17 +101,25 @@ impl Brake {
                     ),
                 )
             } else if self.allowance.until.is_some_and(|t| Instant::now() >= t) {
-                (Condition::MaxDuration, "the run's time is up".to_owned())
+                (Condition::MaxDuration, "its time is up".to_owned())
             } else {
-                return Flow::Continue;
+                return None;
             };
         self.cut = Some(condition);
-        let message = format!(
-            "tokenwarden: run {} of agent {} crossed {} during this stream ({figures}); the run is stopped",
-            self.run,
-            self.agent,
-            condition.as_str()
-        );
+        Some(Crossed {
+            condition,
+            message: format!(
+                "run {} of agent {} crossed {} during a stream ({figures})",
+                self.run,
+                self.agent,
+                condition.as_str()
+            ),
+        })
+    }
+
+    /// The provider's own in-band error event, which SDKs raise.
+    fn error_event(&self, crossed: &Crossed) -> Bytes {
+        let message = format!("tokenwarden: {}; the run is stopped", crossed.message);
         let body = self.kind.error_body(ErrorClass::PermissionDenied, &message);
         let mut frame = Vec::with_capacity(body.len() + 32);
         if self.kind == ProviderKind::Anthropic {
@@ -119,7 +128,7 @@ impl Brake {
         frame.extend_from_slice(b"data: ");
         frame.extend_from_slice(&body);
         frame.extend_from_slice(b"\n\n");
-        Flow::End(Bytes::from(frame))
+        Bytes::from(frame)
     }
 }
 
@@ -141,10 +150,29 @@ impl Observer for Settlement {
             None => self.observer.observe(data),
             Some(decoder) => self.observer.observe(&decoder.decode(data)),
         }
-        match &mut self.brake {
-            None => Flow::Continue,
-            Some(brake) => brake.check(&self.observer, self.price),
+        let Some(brake) = &mut self.brake else {
+            return Flow::Continue;
+        };
+        let Some(crossed) = brake.check(&self.observer, self.price) else {
+            return Flow::Continue;
+        };
+        // Stopped now, not at settlement (which may wait for a token count): the run's
+        // next request must already find it stopped.
+        if self
+            .ticket
+            .as_ref()
+            .is_some_and(|t| t.stop(crossed.clone()))
+        {
+            run_event(
+                &self.audit,
+                &self.metrics,
+                &self.agent,
+                &brake.run,
+                RunEvent::Stopped,
+                &crossed,
+            );
         }
+        Flow::End(brake.error_event(&crossed))
     }
 
     fn on_end(self, end: StreamEnd) {

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = os.environ.get("TOKENWARDEN_BIN", str(ROOT / "target" / "debug" / "tokenwarden"))
 
 VIRTUAL_KEY = "tw-sdk-test-virtual-key"
+RUNAWAY_KEY = "tw-sdk-test-runaway-key"
 OPENAI_KEY = "sk-sdk-test-real-openai"
 ANTHROPIC_KEY = "sk-ant-sdk-test-real"
 
@@ -70,6 +71,11 @@ api_key_env = "SDK_ANTHROPIC_KEY"
 [[agents]]
 id = "sdk-agent"
 key_sha256 = "{digest}"
+[[agents]]
+id = "sdk-runaway"
+key_sha256 = "{hashlib.sha256(RUNAWAY_KEY.encode()).hexdigest()}"
+[agents.runs]
+max_tokens = 40
 """
     )
     log = open(Path(tmp) / "proxy.log", "w")

@@ -4,7 +4,7 @@ import anthropic
 import openai
 import pytest
 
-from conftest import VIRTUAL_KEY
+from conftest import RUNAWAY_KEY, VIRTUAL_KEY
 
 
 @pytest.fixture
@@ -100,3 +100,50 @@ def test_anthropic_wrong_key_raises_authentication_error(proxy):
     client = anthropic.Anthropic(base_url=f"{proxy}/anthropic", api_key="sk-ant-wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError):
         client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=[])
+
+
+def test_a_stream_cut_by_a_run_limit_raises_and_the_run_stays_stopped(proxy):
+    client = openai.OpenAI(
+        base_url=f"{proxy}/openai/v1",
+        api_key=RUNAWAY_KEY,
+        max_retries=0,
+        default_headers={"x-tokenwarden-run": "sdk-openai-run", "x-mock-chunks": "200"},
+    )
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "go on"}], stream=True
+    )
+    text = ""
+    with pytest.raises(openai.APIError, match="max_tokens"):
+        for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+    assert 0 < len(text.split()) < 200, "some text came before the cut, not all of it"
+    with pytest.raises(openai.PermissionDeniedError, match="max_tokens"):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "again"}]
+        )
+
+
+def test_an_anthropic_stream_cut_by_a_run_limit_raises(proxy):
+    client = anthropic.Anthropic(
+        base_url=f"{proxy}/anthropic",
+        api_key=RUNAWAY_KEY,
+        max_retries=0,
+        default_headers={"x-tokenwarden-run": "sdk-anthropic-run", "x-mock-chunks": "200"},
+    )
+    text = ""
+    with pytest.raises(anthropic.APIError, match="max_tokens"):
+        with client.messages.stream(
+            model="claude-sonnet-4-6",
+            max_tokens=1000,
+            messages=[{"role": "user", "content": "go on"}],
+        ) as stream:
+            for piece in stream.text_stream:
+                text += piece
+    assert 0 < len(text.split()) < 200
+    with pytest.raises(anthropic.PermissionDeniedError, match="max_tokens"):
+        client.messages.create(
+            model="claude-sonnet-4-6",
+            max_tokens=10,
+            messages=[{"role": "user", "content": "again"}],
+        )
