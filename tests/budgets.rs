@@ -688,7 +688,7 @@ async fn budgets_cannot_be_slipped_past() {
     // A model without a price cannot be held to a dollar budget.
     let (status, _, b) = post(r#"{"model":"free-llama","max_tokens":5,"messages":[]}"#).await;
     assert_eq!(status, 403);
-    assert_eq!(json(&b)["error"]["code"], "model_not_allowed");
+    assert_eq!(json(&b)["error"]["code"], "unpriced_model");
     assert!(json(&b)["error"]["message"]
         .as_str()
         .unwrap()

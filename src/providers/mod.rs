@@ -61,9 +61,11 @@ impl ErrorClass {
 
 impl ProviderKind {
     /// An error body in this provider's own shape, so SDKs raise their usual exceptions.
-    pub fn error_body(self, class: ErrorClass, message: &str) -> Bytes {
+    /// The provider's error body for `class`. `reason` names a refusal more precisely
+    /// where the format has room for it (OpenAI's `code` of a 403).
+    pub fn error_body(self, class: ErrorClass, reason: &str, message: &str) -> Bytes {
         match self {
-            ProviderKind::OpenAi => openai::error_body(class, message),
+            ProviderKind::OpenAi => openai::error_body(class, reason, message),
             ProviderKind::Anthropic => anthropic::error_body(class, message),
         }
     }

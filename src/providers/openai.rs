@@ -6,7 +6,7 @@ use serde_json::json;
 use super::ErrorClass;
 
 /// `{"error":{"message","type","param","code"}}`, as the OpenAI API answers.
-pub fn error_body(class: ErrorClass, message: &str) -> Bytes {
+pub fn error_body(class: ErrorClass, reason: &str, message: &str) -> Bytes {
     let (kind, code) = match class {
         ErrorClass::InvalidRequest => ("invalid_request_error", "invalid_request"),
         ErrorClass::Authentication => ("invalid_request_error", "invalid_api_key"),
@@ -16,7 +16,8 @@ pub fn error_body(class: ErrorClass, message: &str) -> Bytes {
         ErrorClass::UpstreamUnreachable => ("server_error", "upstream_unreachable"),
         ErrorClass::UpstreamTimeout => ("server_error", "upstream_timeout"),
         ErrorClass::BudgetExhausted => ("insufficient_quota", "budget_exceeded"),
-        ErrorClass::PermissionDenied => ("invalid_request_error", "model_not_allowed"),
+        // Several refusals share the status: the code says which.
+        ErrorClass::PermissionDenied => ("invalid_request_error", reason),
         ErrorClass::RateLimited => ("rate_limit_exceeded", "rate_limit_exceeded"),
         ErrorClass::Internal => ("server_error", "internal_error"),
     };
@@ -159,8 +160,12 @@ mod tests {
 
     #[test]
     fn error_shape_matches_the_api() {
-        let v: serde_json::Value =
-            serde_json::from_slice(&error_body(ErrorClass::Authentication, "bad key")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&error_body(
+            ErrorClass::Authentication,
+            "unauthorized",
+            "bad key",
+        ))
+        .unwrap();
         assert_eq!(v["error"]["message"], "bad key");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "invalid_api_key");

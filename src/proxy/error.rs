@@ -136,7 +136,11 @@ pub fn error_response<B>(
 ) -> Response<Either<B, Full<Bytes>>> {
     let class = error.class();
     let message = format!("tokenwarden: {error}");
-    let mut response = Response::new(Either::Right(Full::new(kind.error_body(class, &message))));
+    let mut response = Response::new(Either::Right(Full::new(kind.error_body(
+        class,
+        error.reason(),
+        &message,
+    ))));
     *response.status_mut() = class.status();
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -120,7 +120,9 @@ impl Brake {
     /// The provider's own in-band error event, which SDKs raise.
     fn error_event(&self, crossed: &Crossed) -> Bytes {
         let message = format!("tokenwarden: {}; the run is stopped", crossed.message);
-        let body = self.kind.error_body(ErrorClass::PermissionDenied, &message);
+        let body = self
+            .kind
+            .error_body(ErrorClass::PermissionDenied, "run_stopped", &message);
         let mut frame = Vec::with_capacity(body.len() + 32);
         if self.kind == ProviderKind::Anthropic {
             frame.extend_from_slice(b"event: error\n");
