@@ -262,3 +262,54 @@ async fn redis_down_fails_closed_for_limited_agents_and_recovers() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_run_stopped_on_one_replica_is_stopped_on_every_replica() {
+    let redis = Redis::start();
+    let mock = Mock::start();
+    let config = shared_config(&mock, &redis, "[agents.runs]\nmax_requests = 2", "");
+    let replicas = [Proxy::start(&config), Proxy::start(&config)];
+    let send = |replica: usize, run: &'static str| {
+        let url = replicas[replica].url("/openai/v1/chat/completions");
+        async move {
+            let (status, _, body) = post_json(
+                &url,
+                &[
+                    ("authorization", &bearer(KEY_A)),
+                    ("x-tokenwarden-run", run),
+                ],
+                CHAT,
+            )
+            .await;
+            (status.as_u16(), body)
+        }
+    };
+    assert_eq!(send(0, "shared").await.0, 200);
+    assert_eq!(send(0, "shared").await.0, 200);
+    let (status, body) = send(0, "shared").await;
+    assert_eq!(status, 403);
+    assert!(String::from_utf8_lossy(&body).contains("max_requests"));
+
+    // The other replica has seen none of the run's requests, yet refuses it.
+    let mut answer = (0, Bytes::new());
+    for _ in 0..100 {
+        answer = send(1, "shared").await;
+        if answer.0 == 403 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answer.0, 403, "{}", String::from_utf8_lossy(&answer.1));
+    let message = json(&answer.1)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("max_requests"), "{message}");
+    assert!(
+        message.contains("request 3 of at most 2"),
+        "the figures travel: {message}"
+    );
+    // Other runs pass on both.
+    assert_eq!(send(1, "other").await.0, 200);
+    assert_eq!(send(0, "other").await.0, 200);
+}

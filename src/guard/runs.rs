@@ -36,7 +36,7 @@ const AUTO_PREFIX: &str = "auto-";
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// A stop condition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Condition {
     MaxRequests,
@@ -81,7 +81,7 @@ impl Condition {
 }
 
 /// A condition a run crossed, with the figures, in words for the client and the log.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Crossed {
     pub condition: Condition,
     pub message: String,

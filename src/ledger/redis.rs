@@ -38,10 +38,12 @@ const WINDOW_GRACE_SECONDS: i64 = 3600;
 
 const ADMIT: &str = r#"
 -- KEYS: 1 holds (zset id -> expiry ms), 2 hold data (hash id -> "tokens nanos key..."),
---       3 the agent's requests in flight (zset), 4 its GCRA time, 5.. budget windows
+--       3 the agent's requests in flight (zset), 4 its GCRA time, 5 stopped runs (hash
+--       "agent\nrun" -> why), 6 pauses (hash agent or "*" -> 1), 7.. budget windows
 -- ARGV: 1 id, 2 hold ms, 3 max in flight (0: none), 4 requests per minute (0: none),
 --       5 input tokens, 6 input nanos, 7 clamp (0|1), 8 output or clamp ceiling,
 --       9 choices, 10 nanos per output token, 11 budgets among the windows,
+--       12 agent, 13 the run's field in KEYS[5] ("": none),
 --       then per window: max tokens, max nanos (-1: none), ttl seconds (0: none)
 local function int(x) return string.format('%d', x) end
 local function release(data)
@@ -67,6 +69,14 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 
+-- Kill switches and stopped runs, shared by every replica.
+if redis.call('HEXISTS', KEYS[6], '*') == 1 then return {5, 1} end
+if redis.call('HEXISTS', KEYS[6], ARGV[12]) == 1 then return {5, 0} end
+if ARGV[13] ~= '' then
+  local why = redis.call('HGET', KEYS[5], ARGV[13])
+  if why then return {4, why} end
+end
+
 local max_in_flight = tonumber(ARGV[3])
 if max_in_flight > 0 and redis.call('ZCARD', KEYS[3]) >= max_in_flight then
   return {1}
@@ -80,15 +90,15 @@ if rpm > 0 then
   if now < allowed_at then return {2, math.ceil(allowed_at - now)} end
 end
 
-local windows = #KEYS - 4
+local windows = #KEYS - 6
 local input_t, input_n = tonumber(ARGV[5]), tonumber(ARGV[6])
 local out, choices, price = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local budgets = tonumber(ARGV[11])
 local max_t, max_n, ttl, spent_t, spent_n, used_t, used_n = {}, {}, {}, {}, {}, {}, {}
 for i = 1, windows do
-  local a = 11 + (i - 1) * 3
+  local a = 13 + (i - 1) * 3
   max_t[i], max_n[i], ttl[i] = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local v = redis.call('HMGET', KEYS[4 + i], 'st', 'sn', 'rt', 'rn')
+  local v = redis.call('HMGET', KEYS[6 + i], 'st', 'sn', 'rt', 'rn')
   spent_t[i], spent_n[i] = tonumber(v[1] or 0), tonumber(v[2] or 0)
   used_t[i] = spent_t[i] + tonumber(v[3] or 0)
   used_n[i] = spent_n[i] + tonumber(v[4] or 0)
@@ -125,7 +135,7 @@ end
 if windows > 0 then
   local data = {int(worst_t), int(worst_n)}
   for i = 1, windows do
-    local key = KEYS[4 + i]
+    local key = KEYS[6 + i]
     redis.call('HINCRBY', key, 'rt', int(worst_t))
     redis.call('HINCRBY', key, 'rn', int(worst_n))
     if ttl[i] > 0 then redis.call('EXPIRE', key, ttl[i]) end
@@ -195,8 +205,8 @@ pub enum RedisError {
     Timeout(Duration),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("Redis answered {0:?}, which the admission script never returns")]
-    Unexpected(Vec<i64>),
+    #[error("Redis answered {0}, which the admission script never returns")]
+    Unexpected(String),
 }
 
 /// Why admission refused a request.
@@ -211,6 +221,13 @@ pub enum Refusal {
     Exhausted(Exhausted),
     /// Redis could not be asked: fail closed.
     Unavailable(RedisError),
+    /// An admin paused the agent (`all`: every agent) on some replica.
+    Paused {
+        all: bool,
+    },
+    /// The run was stopped on some replica; why, as that replica wrote it (JSON of a
+    /// [`Crossed`](crate::guard::runs::Crossed)).
+    Stopped(String),
 }
 
 /// One admission to decide.
@@ -226,6 +243,30 @@ pub struct Admission<'a> {
     pub ask: Option<Ask>,
     pub requests_per_minute: Option<u32>,
     pub max_in_flight: Option<u32>,
+    /// The request's run, checked against the runs stopped on any replica.
+    pub run: Option<&'a str>,
+}
+
+/// What the worker writes to Redis, off the request path.
+enum Job {
+    Settle(Settle),
+    /// A run stopped (`Some`: why, JSON) or resumed (`None`).
+    Run {
+        prefix: String,
+        field: String,
+        why: Option<String>,
+    },
+    /// A pause (`true`) or resume of `who` (an agent, or `*` for all) under each prefix.
+    Pause {
+        prefixes: Vec<String>,
+        who: String,
+        paused: bool,
+    },
+}
+
+/// The field of a run in its tag's hash of stopped runs.
+fn run_field(agent: &str, run: &str) -> String {
+    format!("{agent}\n{run}")
 }
 
 /// A settlement for the worker.
@@ -245,7 +286,7 @@ pub struct RedisLedger {
     admit: Script,
     settle: Script,
     /// Taken at close, so the worker ends when the last hold is gone.
-    settlements: Mutex<Option<mpsc::UnboundedSender<Settle>>>,
+    jobs: Mutex<Option<mpsc::UnboundedSender<Job>>>,
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -291,7 +332,7 @@ impl RedisLedger {
             hold: settings.hold,
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
-            settlements: Mutex::new(Some(tx)),
+            jobs: Mutex::new(Some(tx)),
             worker: Mutex::new(None),
         });
         let worker = tokio::spawn(settle_worker(ledger.clone(), rx));
@@ -318,7 +359,9 @@ impl RedisLedger {
             .key(format!("{prefix}holds"))
             .key(format!("{prefix}hold-data"))
             .key(format!("{prefix}in-flight:{}", a.agent))
-            .key(format!("{prefix}rate:{}", a.agent));
+            .key(format!("{prefix}rate:{}", a.agent))
+            .key(format!("{prefix}stopped-runs"))
+            .key(format!("{prefix}paused"));
         for limit in reserved {
             let (start, end) = self.calendar.window(limit.key.period, now);
             windows.push(end);
@@ -345,7 +388,9 @@ impl RedisLedger {
             .arg(output)
             .arg(ask.choices.max(1))
             .arg(ask.nanos_per_output_token.max(0.0))
-            .arg(a.budgets.min(reserved.len()));
+            .arg(a.budgets.min(reserved.len()))
+            .arg(a.agent)
+            .arg(a.run.map(|run| run_field(a.agent, run)).unwrap_or_default());
         let none = |v: Option<u64>| v.map_or(-1, |n| n.min(i64::MAX as u64) as i64);
         for (limit, end) in reserved.iter().zip(&windows) {
             let ttl = end.map_or(0, |end| {
@@ -395,7 +440,9 @@ impl RedisLedger {
             Some(3) => {
                 let index = (unsigned(1) as usize).saturating_sub(1);
                 let (Some(limit), Some(end)) = (reserved.get(index), windows.get(index)) else {
-                    return Err(Refusal::Unavailable(RedisError::Unexpected(answer)));
+                    return Err(Refusal::Unavailable(RedisError::Unexpected(format!(
+                        "{answer:?}"
+                    ))));
                 };
                 Err(Refusal::Exhausted(Exhausted {
                     key: limit.key.clone(),
@@ -409,8 +456,33 @@ impl RedisLedger {
                     resets_at: *end,
                 }))
             }
-            _ => Err(Refusal::Unavailable(RedisError::Unexpected(answer))),
+            Some(5) => Err(Refusal::Paused {
+                all: unsigned(1) == 1,
+            }),
+            _ => Err(Refusal::Unavailable(RedisError::Unexpected(format!(
+                "{answer:?}"
+            )))),
         }
+    }
+
+    /// Shares a run's stop (`why`: JSON of its `Crossed`) or resume (`None`) with every
+    /// replica. Queued: written off the request path, retried until Redis takes it.
+    pub fn share_run(&self, tag: &str, agent: &str, run: &str, why: Option<String>) {
+        self.queue(Job::Run {
+            prefix: prefix(tag),
+            field: run_field(agent, run),
+            why,
+        });
+    }
+
+    /// Shares a pause or resume of `who` (an agent, or `*` for every agent) under each of
+    /// `tags` with every replica.
+    pub fn share_pause(&self, tags: &[String], who: &str, paused: bool) {
+        self.queue(Job::Pause {
+            prefixes: tags.iter().map(|t| prefix(t)).collect(),
+            who: who.to_owned(),
+            paused,
+        });
     }
 
     /// Every limit's account in its current window, for metrics and the admin API.
@@ -461,7 +533,7 @@ impl RedisLedger {
 
     /// Stops taking settlements and waits up to `deadline` for the queued ones.
     pub async fn close(&self, deadline: Duration) {
-        lock(&self.settlements).take();
+        lock(&self.jobs).take();
         let worker = lock(&self.worker).take();
         if let Some(mut worker) = worker {
             if tokio::time::timeout(deadline, &mut worker).await.is_err() {
@@ -473,10 +545,46 @@ impl RedisLedger {
         }
     }
 
-    fn queue(&self, settle: Settle) {
-        match lock(&self.settlements).as_ref() {
-            Some(tx) if tx.send(settle).is_ok() => {}
-            _ => tracing::error!("a settlement came after shutdown; its hold expires in Redis"),
+    fn queue(&self, job: Job) {
+        match lock(&self.jobs).as_ref() {
+            Some(tx) if tx.send(job).is_ok() => {}
+            _ => tracing::error!("a write to Redis came after shutdown; it is lost there"),
+        }
+    }
+
+    /// Runs one job until Redis takes it.
+    async fn run_job(&self, job: Job) {
+        let (prefixes, who, paused, field, why) = match job {
+            Job::Settle(settle) => return self.settle_one(settle).await,
+            Job::Run { prefix, field, why } => (vec![prefix], String::new(), false, field, why),
+            Job::Pause {
+                prefixes,
+                who,
+                paused,
+            } => (prefixes, who, paused, String::new(), None),
+        };
+        let mut pipe = redis::pipe();
+        for prefix in &prefixes {
+            match (field.is_empty(), &why, paused) {
+                (false, Some(why), _) => pipe.hset(format!("{prefix}stopped-runs"), &field, why),
+                (false, None, _) => pipe.hdel(format!("{prefix}stopped-runs"), &field),
+                (true, _, true) => pipe.hset(format!("{prefix}paused"), &who, 1),
+                (true, _, false) => pipe.hdel(format!("{prefix}paused"), &who),
+            };
+            pipe.ignore();
+        }
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let mut conn = self.conn.clone();
+            match tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn)).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot share a stop or pause in Redis; retrying")
+                }
+                Err(_) => tracing::warn!("Redis did not answer; retrying"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
     }
 
@@ -516,15 +624,15 @@ impl RedisLedger {
     }
 }
 
-/// Runs settlements as they come, a bounded number at once, until every sender is gone.
-async fn settle_worker(ledger: Arc<RedisLedger>, mut rx: mpsc::UnboundedReceiver<Settle>) {
+/// Runs writes as they come, a bounded number at once, until every sender is gone.
+async fn settle_worker(ledger: Arc<RedisLedger>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut running = JoinSet::new();
-    while let Some(settle) = rx.recv().await {
+    while let Some(job) = rx.recv().await {
         while running.len() >= SETTLE_CONCURRENCY {
             running.join_next().await;
         }
         let ledger = ledger.clone();
-        running.spawn(async move { ledger.settle_one(settle).await });
+        running.spawn(async move { ledger.run_job(job).await });
     }
     while running.join_next().await.is_some() {}
 }
@@ -563,13 +671,13 @@ impl RemoteHold {
     }
 
     fn send(&mut self, actual: Amount) {
-        self.ledger.queue(Settle {
+        self.ledger.queue(Job::Settle(Settle {
             prefix: self.prefix.clone(),
             id: std::mem::take(&mut self.id),
             agent: self.agent.clone(),
             keys: std::mem::take(&mut self.keys),
             actual,
-        });
+        }));
     }
 }
 

@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use super::error::ProxyError;
 use crate::config::{BudgetConfig, Config, MissingMaxTokens};
-use crate::guard::runs::RunLimits;
+use crate::guard::runs::{Condition, Crossed, RunLimits};
 use crate::guard::{Guards, Slot};
 use crate::ledger::redis::{Admission, RedisLedger, Refusal};
 use crate::ledger::snapshot::Aggregate;
@@ -152,6 +152,8 @@ pub struct Request<'a> {
     /// The JSON body as the client sent it (empty for other bodies).
     pub body: &'a Bytes,
     pub price: Option<Price>,
+    /// The request's run.
+    pub run: &'a str,
 }
 
 /// Where limits are kept: in this process, or in Redis shared with other replicas.
@@ -279,11 +281,8 @@ pub async fn admit(
             return Err(ProxyError::ModelNotAllowed(req.model.to_owned()));
         }
     }
-    let limited = policy.requests_per_minute.is_some() || policy.max_concurrent.is_some();
-    if let Some(redis) = stores
-        .redis
-        .filter(|_| limited || !policy.limits.is_empty())
-    {
+    if let Some(redis) = stores.redis {
+        // Every agent asks Redis: pauses and stopped runs are shared there.
         return admit_shared(redis, policy, config, req).await;
     }
 
@@ -363,8 +362,12 @@ async fn admit_shared(
             ask,
             requests_per_minute: policy.requests_per_minute,
             max_in_flight: policy.max_concurrent,
+            run: Some(req.run),
         })
         .await;
+    let limited = !policy.limits.is_empty()
+        || policy.requests_per_minute.is_some()
+        || policy.max_concurrent.is_some();
     let (hold, grant) = match decided {
         Ok(decided) => decided,
         Err(Refusal::InFlight) => {
@@ -381,9 +384,28 @@ async fn admit_shared(
             ))
         }
         Err(Refusal::Exhausted(e)) => return Err(refused(e, redis.calendar().now())),
-        Err(Refusal::Unavailable(e)) => {
+        Err(Refusal::Unavailable(e)) if limited => {
             tracing::error!(error = %e, agent = req.agent, "budget store unavailable; refusing");
             return Err(ProxyError::StoreUnavailable);
+        }
+        Err(Refusal::Unavailable(e)) => {
+            // Nothing of this agent's is kept in Redis but shared pauses and stops; this
+            // replica's own still apply.
+            tracing::warn!(error = %e, agent = req.agent, "Redis unavailable; pauses and stops of other replicas unknown");
+            (None, None)
+        }
+        Err(Refusal::Paused { all }) => {
+            return Err(ProxyError::Paused {
+                agent: req.agent.to_owned(),
+                all,
+            })
+        }
+        Err(Refusal::Stopped(why)) => {
+            let crossed = serde_json::from_str(&why).unwrap_or_else(|_| Crossed {
+                condition: Condition::Admin,
+                message: format!("run {} of agent {} was stopped", req.run, req.agent),
+            });
+            return Err(ProxyError::RunStopped(Box::new(crossed)));
         }
     };
     let output = grant.map(|g| g.output);

@@ -341,6 +341,7 @@ async fn forward(
                     settle::run_event(
                         &state.audit,
                         &state.metrics,
+                        state.redis.as_ref(),
                         &agent,
                         &run,
                         settle::RunEvent::Stopped,
@@ -362,6 +363,7 @@ async fn forward(
         settle::run_event(
             &state.audit,
             &state.metrics,
+            state.redis.as_ref(),
             &agent,
             &run_id,
             settle::RunEvent::Warning,
@@ -386,10 +388,22 @@ async fn forward(
             fields: &fields,
             body: &original,
             price,
+            run: &run_id,
         },
     )
     .await
-    .map_err(&reject)?;
+    .map_err(|error| {
+        if let ProxyError::RunStopped(crossed) = &error {
+            // Stopped on another replica: this one learns it too.
+            state.runs.restore_stop(
+                &agent.id,
+                &run_id,
+                (**crossed).clone(),
+                jiff::Timestamp::now().to_string(),
+            );
+        }
+        reject(error)
+    })?;
 
     // The only changes made to a body: the output limit admission clamped, and asking
     // for the usage report the client did not.
@@ -513,6 +527,7 @@ async fn forward(
         upstream_ttfb: headers_at - sent,
         brake,
         ticket: Some(ticket),
+        redis: state.redis.clone(),
     };
     state.metrics.active_streams.inc();
     let limits = StreamLimits {
@@ -564,6 +579,7 @@ fn settle_failed(state: &AppState, agent: &Agent, ticket: runs::Ticket) {
         settle::run_event(
             &state.audit,
             &state.metrics,
+            state.redis.as_ref(),
             agent,
             &run,
             settle::RunEvent::Stopped,

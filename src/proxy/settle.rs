@@ -20,6 +20,7 @@ use crate::audit::{now_rfc3339, AuditLog, Record};
 use crate::guard::runs::{Allowance, Condition, Crossed, Ending, Ticket};
 use crate::guard::Slot;
 use crate::identity::Agent;
+use crate::ledger::redis::RedisLedger;
 use crate::ledger::{usd_to_nanos, Amount, Hold};
 use crate::metering::decode::Decoder;
 use crate::metering::{Endpoint, Metered, Price, UsageObserver};
@@ -58,6 +59,8 @@ pub struct Settlement {
     pub ticket: Option<Ticket>,
     /// For a stream of a run with stop conditions: what it may still spend.
     pub brake: Option<Brake>,
+    /// Where stops are shared with other replicas.
+    pub redis: Option<Arc<RedisLedger>>,
 }
 
 /// Cuts a stream whose run crosses a stop condition on the way, with an error event in
@@ -168,6 +171,7 @@ impl Observer for Settlement {
             run_event(
                 &self.audit,
                 &self.metrics,
+                self.redis.as_ref(),
                 &self.agent,
                 &brake.run,
                 RunEvent::Stopped,
@@ -267,6 +271,7 @@ impl Settlement {
             upstream_ttfb,
             ticket,
             brake,
+            redis,
             ..
         } = self;
         let dropped = observer.dropped_events();
@@ -290,7 +295,15 @@ impl Settlement {
             };
             let stopped = ticket.settle(usage.total(), usd_to_nanos(cost), ending);
             if let (Some(crossed), Some(run)) = (stopped, &run) {
-                run_event(&audit, &metrics, &agent, run, RunEvent::Stopped, &crossed);
+                run_event(
+                    &audit,
+                    &metrics,
+                    redis.as_ref(),
+                    &agent,
+                    run,
+                    RunEvent::Stopped,
+                    &crossed,
+                );
             }
         }
 
@@ -396,10 +409,12 @@ pub enum RunEvent {
     Warning,
 }
 
-/// Writes a run's stop or warning: an audit line and a metric.
+/// Writes a run's stop or warning: an audit line and a metric; a stop is also shared
+/// with the other replicas through Redis, when there is one.
 pub fn run_event(
     audit: &AuditLog,
     metrics: &Metrics,
+    redis: Option<&Arc<RedisLedger>>,
     agent: &Agent,
     run: &str,
     event: RunEvent,
@@ -408,6 +423,10 @@ pub fn run_event(
     let condition = crossed.condition.as_str();
     let outcome = match event {
         RunEvent::Stopped => {
+            if let Some(redis) = redis {
+                let tag = agent.team.as_deref().unwrap_or(&agent.id);
+                redis.share_run(tag, &agent.id, run, serde_json::to_string(crossed).ok());
+            }
             metrics
                 .runs_stopped
                 .with_label_values(&[&agent.id, condition])
