@@ -138,14 +138,13 @@ async fn verify_finds_an_edited_line_and_restarts_continue_the_chain() {
     proxy.wait_for_audit_lines(3).await;
 
     // A graceful restart on the same data directory continues the chain.
-    let dir = proxy.dir;
-    let mut proc = proxy.proc;
+    let mut first = proxy;
     Command::new("kill")
-        .args(["-TERM", &proc.pid().to_string()])
+        .args(["-TERM", &first.proc.pid().to_string()])
         .status()
         .unwrap();
-    proc.child.wait().unwrap();
-    let data = dir.path().join("data");
+    first.proc.child.wait().unwrap();
+    let data = first.dir.path().join("data");
     let config2 = with_storage(&config, &data);
     let proxy = Proxy::start(&config2);
     let (status, _, _) = get(

@@ -197,7 +197,8 @@ async fn a_team_budget_is_shared_and_spend_survives_a_restart() {
     let lines = proxy.audit_lines();
     let spent: f64 = lines.iter().map(|l| l["cost_usd"].as_f64().unwrap()).sum();
     let data = proxy.dir.path().join("data");
-    let mut proc = proxy.proc;
+    let mut proxy = proxy;
+    let proc = &mut proxy.proc;
     std::process::Command::new("kill")
         .args(["-9", &proc.pid().to_string()])
         .status()
@@ -604,7 +605,8 @@ async fn kill_9_under_load_loses_no_settled_spend_and_charges_nothing_twice() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     let data = proxy.dir.path().join("data");
     wait_for_snapshot(&data, 1).await;
-    let mut proc = proxy.proc;
+    let mut proxy = proxy;
+    let proc = &mut proxy.proc;
     std::process::Command::new("kill")
         .args(["-9", &proc.pid().to_string()])
         .status()
@@ -809,7 +811,8 @@ async fn chat(proxy: &Proxy, key: &str) -> http::HeaderMap {
 
 /// Stops the proxy as a crash would: nothing is written on the way out.
 fn crash(proxy: Proxy) {
-    let mut proc = proxy.proc;
+    let mut proxy = proxy;
+    let proc = &mut proxy.proc;
     std::process::Command::new("kill")
         .args(["-9", &proc.pid().to_string()])
         .status()
@@ -820,7 +823,8 @@ fn crash(proxy: Proxy) {
 /// Stops the proxy with SIGTERM and waits until it has exited (the audit log and the
 /// snapshot closed).
 fn stop(proxy: Proxy) -> String {
-    let mut proc = proxy.proc;
+    let mut proxy = proxy;
+    let proc = &mut proxy.proc;
     std::process::Command::new("kill")
         .args(["-TERM", &proc.pid().to_string()])
         .status()

@@ -150,6 +150,51 @@ impl Mock {
     }
 }
 
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+impl Drop for Proxy {
+    /// Before the proxy goes: its log, every file it wrote (audit log, snapshot) and its
+    /// metrics hold no secret. Every test that starts a proxy checks this.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        for file in files_under(self.dir.path()) {
+            let text = std::fs::read(&file).unwrap_or_default();
+            assert_no_secret(&text, &SECRETS, &file.display().to_string());
+        }
+        if let Some(metrics) = blocking_get(self.admin, "/metrics") {
+            assert_no_secret(&metrics, &SECRETS, "the metrics");
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET without the async runtime (for `Drop`); `None` if it fails.
+fn blocking_get(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
 /// The proxy, started as `tokenwarden serve` on a config written to a temp dir.
 pub struct Proxy {
     pub proc: Proc,
@@ -335,11 +380,33 @@ pub fn request(
     req.body(Full::new(body.into())).unwrap()
 }
 
-/// Sends a request and reads the whole response.
+/// The secrets every test process knows: none may ever appear in what the proxy says,
+/// logs, writes or exports.
+pub const SECRETS: [&str; 4] = [KEY_A, KEY_B, OPENAI_KEY, ANTHROPIC_KEY];
+
+/// Panics if `text` holds one of `secrets`.
+pub fn assert_no_secret(text: &[u8], secrets: &[&str], what: &str) {
+    for secret in secrets {
+        assert!(
+            memchr::memmem::find(text, secret.as_bytes()).is_none(),
+            "{what} holds the secret {secret:?}"
+        );
+    }
+}
+
+/// Sends a request and reads the whole response. No answer may carry a virtual key, nor
+/// a provider key (but the mock's own record of what reached it, which holds the real
+/// key the proxy sent).
 pub async fn send(req: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
+    let own_record = req.uri().path().starts_with("/mock/");
     let response = client().request(req).await.unwrap();
     let (parts, body) = response.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
+    let secrets: &[&str] = if own_record { &SECRETS[..2] } else { &SECRETS };
+    assert_no_secret(&body, secrets, "a response body");
+    for (name, value) in &parts.headers {
+        assert_no_secret(value.as_bytes(), secrets, &format!("response header {name}"));
+    }
     (parts.status, parts.headers, body)
 }
 
