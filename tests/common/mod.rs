@@ -405,7 +405,11 @@ pub async fn send(req: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
     let secrets: &[&str] = if own_record { &SECRETS[..2] } else { &SECRETS };
     assert_no_secret(&body, secrets, "a response body");
     for (name, value) in &parts.headers {
-        assert_no_secret(value.as_bytes(), secrets, &format!("response header {name}"));
+        assert_no_secret(
+            value.as_bytes(),
+            secrets,
+            &format!("response header {name}"),
+        );
     }
     (parts.status, parts.headers, body)
 }
