@@ -325,6 +325,67 @@ impl Router {
 mod tests {
     use super::*;
 
+    mod properties {
+        use super::super::set_json_field;
+        use proptest::prelude::*;
+        use serde_json::{Map, Value};
+
+        fn leaf() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                any::<i64>().prop_map(Value::from),
+                "[ -~]{0,12}".prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
+                Just(Value::Null),
+            ]
+        }
+
+        fn object() -> impl Strategy<Value = Map<String, Value>> {
+            let value = leaf().prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                    prop::collection::btree_map("[a-z_]{1,6}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            });
+            prop::collection::btree_map("[a-z_]{1,10}", value, 0..6)
+                .prop_map(|m| m.into_iter().collect())
+        }
+
+        proptest! {
+            /// Any JSON object, compact or pretty: the field is set, everything else
+            /// stays, and the result is JSON.
+            #[test]
+            fn set_json_field_sets_the_field_and_keeps_the_rest(
+                doc in object(),
+                pretty in any::<bool>(),
+                field in prop_oneof![Just("max_tokens".to_owned()), "[a-z_]{1,10}"],
+            ) {
+                let body = if pretty {
+                    serde_json::to_vec_pretty(&doc).unwrap()
+                } else {
+                    serde_json::to_vec(&doc).unwrap()
+                };
+                let out = set_json_field(&body, &field, Value::from(42)).unwrap();
+                let parsed: Map<String, Value> = serde_json::from_slice(&out).unwrap();
+                prop_assert_eq!(&parsed[&field], &Value::from(42));
+                for (k, v) in &doc {
+                    if k != &field {
+                        prop_assert_eq!(&parsed[k], v);
+                    }
+                }
+                prop_assert_eq!(parsed.len(), doc.len() + usize::from(!doc.contains_key(&field)));
+            }
+
+            #[test]
+            fn set_json_field_refuses_what_is_not_an_object(body in prop::collection::vec(any::<u8>(), 0..64)) {
+                if let Some(out) = set_json_field(&body, "max_tokens", Value::from(1)) {
+                    let parsed: Value = serde_json::from_slice(&out).unwrap();
+                    prop_assert!(parsed.is_object());
+                }
+            }
+        }
+    }
+
     fn provider(name: &str, kind: ProviderKindConfig, base: &str, prefix: &str) -> Provider {
         let cfg = ProviderConfig {
             name: name.into(),
