@@ -17,6 +17,10 @@
 //! | `x-mock-fault: drop-mid-stream` | stream half the pieces, then reset |
 //! | `x-mock-fault: stall` | send headers, then nothing |
 //! | `x-mock-fault: stall-mid-stream` | stream half the pieces, then nothing |
+//! | `x-mock-fault: malformed-sse` | mix broken events (bad JSON, fields without colon, stray CRs) into the stream |
+//! | `x-mock-fault: invalid-utf8` | mix an event of invalid UTF-8 into the stream |
+//! | `x-mock-fault: huge-line` | send one 10 MB `data:` line in the middle of the stream |
+//! | `x-mock-usage-output: N` | report N output tokens, whatever was streamed |
 //! | `x-mock-gzip: 1` | gzip a non-streamed body (`content-encoding: gzip`) |
 //! | `x-mock-cached-tokens: N`, `x-mock-reasoning-tokens: N`, `x-mock-cache-write-tokens: N` | usage details |
 //!
@@ -283,7 +287,38 @@ impl Mock {
     }
 
     /// Streams pre-rendered SSE events, one frame each, with the scripted pauses and faults.
-    fn stream(&self, seq: u64, events: Vec<Bytes>, script: &Script) -> Response<MockBody> {
+    fn stream(&self, seq: u64, mut events: Vec<Bytes>, script: &Script) -> Response<MockBody> {
+        // After the first half of the pieces, wherever the events that close the stream
+        // (a usage report, `[DONE]`) come.
+        let middle = (1 + script.chunks / 2).min(events.len());
+        match script.fault.as_deref() {
+            Some("malformed-sse") => {
+                let broken: [&'static [u8]; 5] = [
+                    b"data: {\"choices\": [unterminated\n\n",
+                    b"datawithoutcolon\n\n",
+                    b"event: \rdata: stray carriage return\r\r",
+                    b": a comment\ndata\n\n",
+                    b"data: {\"usage\": {\"prompt_tokens\": \"many\"}}\n\n",
+                ];
+                for (i, b) in broken.into_iter().enumerate() {
+                    events.insert(middle + i, Bytes::from_static(b));
+                }
+            }
+            Some("invalid-utf8") => {
+                events.insert(
+                    middle,
+                    Bytes::from_static(b"data: \xff\xfe{\"x\":\xc3\x28}\n\n"),
+                );
+            }
+            Some("huge-line") => {
+                let mut line = Vec::with_capacity(10 * 1024 * 1024 + 16);
+                line.extend_from_slice(b"data: ");
+                line.resize(10 * 1024 * 1024, b'a');
+                line.extend_from_slice(b"\n\n");
+                events.insert(middle, Bytes::from(line));
+            }
+            _ => {}
+        }
         let (tx, rx) = mpsc::channel::<Chunk>(1);
         let mock = self.clone();
         let delay = Duration::from_millis(script.delay_ms);
@@ -369,6 +404,8 @@ struct Script {
     reasoning_tokens: u64,
     cache_write_tokens: u64,
     gzip: bool,
+    /// Output tokens to report instead of the pieces streamed.
+    usage_output: Option<u64>,
 }
 
 impl Script {
@@ -391,6 +428,7 @@ impl Script {
             reasoning_tokens: num("x-mock-reasoning-tokens").unwrap_or(0),
             cache_write_tokens: num("x-mock-cache-write-tokens").unwrap_or(0),
             gzip: h.contains_key("x-mock-gzip"),
+            usage_output: num("x-mock-usage-output"),
         }
     }
 }
@@ -403,7 +441,9 @@ struct Ctx {
 
 impl Ctx {
     fn output_tokens(&self) -> u64 {
-        self.script.chunks as u64
+        self.script
+            .usage_output
+            .unwrap_or(self.script.chunks as u64)
     }
 
     fn pieces(&self) -> impl Iterator<Item = String> {

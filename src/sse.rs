@@ -79,14 +79,25 @@ impl SseParser {
                 // The rest of an oversized line: not blank, and its event is dropped.
                 self.skipping_line = false;
             } else if self.line.is_empty() {
-                // The whole line is in this chunk: no copy.
-                self.process_line(&input[..end], on_event);
+                // The whole line is in this chunk: no copy. A line past the bound marks
+                // its event oversized, exactly as it would arriving in pieces.
+                let line = &input[..end];
+                if line.len() > self.max_event_bytes {
+                    self.oversized = true;
+                } else {
+                    self.process_line(line, on_event);
+                }
             } else {
                 self.push_line_bytes(&input[..end]);
-                let line = std::mem::take(&mut self.line);
-                self.process_line(&line, on_event);
-                self.line = line;
-                self.line.clear();
+                if self.skipping_line {
+                    // The line outgrew the bound as it ended: it was not blank.
+                    self.skipping_line = false;
+                } else {
+                    let line = std::mem::take(&mut self.line);
+                    self.process_line(&line, on_event);
+                    self.line = line;
+                    self.line.clear();
+                }
             }
             input = &input[end + 1..];
             if terminator == b'\r' {
@@ -173,6 +184,22 @@ impl SseParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_past_the_bound_counts_the_same_however_it_arrives() {
+        // Found by fuzzing: a long line completed in a second chunk was taken for a
+        // blank one, dispatching (and counting) an event the stream never ended.
+        let long = [b'x'; 40];
+        let mut input = b"data: a\n".to_vec();
+        input.extend_from_slice(&long);
+        input.extend_from_slice(b"\ndata: b\n\n");
+        let whole = parse_chunks(&[&input], 32);
+        for cut in 0..=input.len() {
+            let split = parse_chunks(&[&input[..cut], &input[cut..]], 32);
+            assert_eq!(split, whole, "cut at {cut}");
+        }
+        assert_eq!(whole, (vec![], 1), "one event, dropped whole");
+    }
 
     #[test]
     fn knows_when_it_is_between_events() {

@@ -286,3 +286,229 @@ async fn shutdown_lets_in_flight_streams_finish_and_refuses_new_connections() {
         "still accepting"
     );
 }
+
+// === misbehaving upstreams: broken streams, disagreeing usage, provider errors ===
+
+/// The proxy's resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The usual config with a token budget for agent-a, so reservations can be watched.
+fn budgeted(mock: &Mock) -> String {
+    let key_line = format!(
+        "key_sha256 = \"{}\"\n",
+        tokenwarden::identity::key_digest_hex(KEY_A)
+    );
+    config(mock).replacen(
+        &key_line,
+        &format!("{key_line}[[agents.budgets]]\nperiod = \"day\"\ntokens = 100000000\n"),
+        1,
+    )
+}
+
+#[tokio::test]
+async fn broken_streams_reach_the_client_as_sent_and_are_settled_once() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&budgeted(&mock));
+    let idle = rss_kib(proxy.proc.pid());
+    let mut audited = 0;
+    for fault in ["malformed-sse", "invalid-utf8", "huge-line"] {
+        let headers = [("x-mock-fault", fault), ("x-mock-chunks", "6")];
+        let mut direct_headers = vec![("content-type", "application/json")];
+        direct_headers.extend_from_slice(&headers);
+        let direct = send(request(
+            "POST",
+            &format!("{}/v1/chat/completions", mock.url()),
+            &direct_headers,
+            CHAT_STREAM,
+        ))
+        .await
+        .2;
+        let (status, bytes, end) = read_stream(&proxy, &headers).await;
+        assert_eq!(status, 200, "{fault}");
+        assert!(end.is_ok(), "{fault}: {end:?}");
+        assert!(
+            bytes == direct.to_vec(),
+            "{fault}: the client got other bytes than a direct call ({} vs {})",
+            bytes.len(),
+            direct.len()
+        );
+        audited += 1;
+        let lines = proxy.wait_for_audit_lines(audited).await;
+        assert_eq!(lines.len(), audited, "{fault}: settled exactly once");
+        let last = lines.last().unwrap();
+        assert_eq!(last["outcome"], "ok", "{fault}");
+        assert_eq!(
+            last["output_tokens"], 6,
+            "{fault}: the provider's report is the bill"
+        );
+    }
+    // Nothing held, nothing grown: a 10 MB line was forwarded, not kept.
+    proxy
+        .wait_for_metric(
+            "tokenwarden_budget_reserved{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"} 0",
+        )
+        .await;
+    let grown = rss_kib(proxy.proc.pid()).saturating_sub(idle);
+    assert!(grown < 40 * 1024, "RSS grew by {grown} KiB");
+    assert!(proxy
+        .metrics_text()
+        .await
+        .contains("tokenwarden_sse_events_dropped_total 1"));
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn usage_that_disagrees_with_the_text_is_billed_as_reported() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&mock));
+    let (status, bytes, end) = read_stream(
+        &proxy,
+        &[("x-mock-chunks", "5"), ("x-mock-usage-output", "2")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(end.is_ok());
+    assert_eq!(
+        String::from_utf8_lossy(&bytes)
+            .matches("\"content\":\"tok")
+            .count(),
+        5
+    );
+    let line = &proxy.wait_for_audit_lines(1).await[0];
+    assert_eq!(line["output_tokens"], 2);
+    assert_eq!(line["estimated"], false);
+}
+
+#[tokio::test]
+async fn provider_rate_limits_and_overload_pass_through_uncharged() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&budgeted(&mock));
+    for status in ["429", "529"] {
+        let (code, headers, body) = post_json(
+            &proxy.url("/openai/v1/chat/completions"),
+            &[("authorization", &bearer(KEY_A)), ("x-mock-status", status)],
+            CHAT,
+        )
+        .await;
+        assert_eq!(code.as_str(), status);
+        assert_eq!(
+            headers.get("retry-after").unwrap(),
+            "1",
+            "the provider's own"
+        );
+        assert_eq!(json(&body)["error"]["message"], "mock failure");
+    }
+    let lines = proxy.wait_for_audit_lines(2).await;
+    for line in &lines {
+        assert_eq!(line["outcome"], "provider_error");
+        assert_eq!(line["cost_usd"], 0.0);
+    }
+    proxy
+        .wait_for_metric(
+            "tokenwarden_budget_remaining{agent=\"agent-a\",period=\"day\",team=\"\",unit=\"tokens\"} 100000000",
+        )
+        .await;
+    still_serves(&proxy).await;
+}
+
+// === misbehaving clients ===
+
+#[tokio::test]
+async fn a_slow_reader_holds_back_the_upstream_instead_of_growing_a_buffer() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&mock));
+    let req = request(
+        "POST",
+        &proxy.url("/openai/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &bearer(KEY_A)),
+            ("x-mock-chunks", "40000"),
+        ],
+        CHAT_STREAM,
+    );
+    let response = client().request(req).await.unwrap();
+    let mut body = response.into_body();
+    for _ in 0..10 {
+        body.frame().await.unwrap().unwrap();
+    }
+    // The client stops reading: the upstream cannot finish (its sends wait), and the
+    // proxy holds no more than socket buffers' worth.
+    let before = rss_kib(proxy.proc.pid());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        mock.last_request().await["outcome"],
+        "pending",
+        "backpressure reached the upstream"
+    );
+    let grown = rss_kib(proxy.proc.pid()).saturating_sub(before);
+    assert!(
+        grown < 8 * 1024,
+        "RSS grew by {grown} KiB while the client did not read"
+    );
+    let mut frames = 10;
+    while let Some(frame) = body.frame().await {
+        frame.unwrap();
+        frames += 1;
+    }
+    assert!(frames > 40_000);
+    assert_eq!(mock.wait_for_outcome().await["outcome"], "complete");
+}
+
+/// How many files this process may open.
+fn open_files_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+#[tokio::test]
+async fn idle_connections_and_slowloris_do_not_stop_the_proxy_serving() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config_with(&mock, "").replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\nheader_read_timeout = \"1s\"",
+    ));
+    let idle_count = (open_files_limit() / 4).min(2000);
+    let mut idle = Vec::with_capacity(idle_count);
+    for _ in 0..idle_count {
+        idle.push(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    // A slowloris: headers a byte at a time, never finished.
+    let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    slow.write_all(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    still_serves(&proxy).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "served beside {idle_count} idle connections"
+    );
+    // The slowloris is cut at the header timeout, however it trickles.
+    for _ in 0..5 {
+        let _ = slow.write_all(b"x").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the slow client's connection was not closed"
+    );
+    drop(idle);
+    still_serves(&proxy).await;
+}

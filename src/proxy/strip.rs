@@ -14,7 +14,8 @@ use pin_project_lite::pin_project;
 
 use crate::providers::openai;
 
-/// Past this much of one unfinished event, stripping stops and the rest passes as is.
+/// Past this much of one unfinished event, the event passes as is (not held, not
+/// stripped) up to its end; stripping resumes with the next event.
 const MAX_PENDING: usize = 1024 * 1024;
 
 pin_project! {
@@ -22,7 +23,12 @@ pin_project! {
         #[pin]
         inner: B,
         pending: BytesMut,
-        passthrough: bool,
+        // Inside an event too large to hold: its bytes pass as they come.
+        oversized: bool,
+        // The last bytes passed of an oversized event, to find its end across frames.
+        tail: Vec<u8>,
+        // Output ready for the next poll (what followed the end of an oversized event).
+        queued: Option<Bytes>,
     }
 }
 
@@ -31,9 +37,29 @@ impl<B> StripUsage<B> {
         StripUsage {
             inner,
             pending: BytesMut::new(),
-            passthrough: false,
+            oversized: false,
+            tail: Vec::new(),
+            queued: None,
         }
     }
+}
+
+/// Where the event under way ends in `data`, given the last bytes before it (`tail`,
+/// which holds no end of its own).
+fn end_in(tail: &[u8], data: &[u8]) -> Option<usize> {
+    let mut seam = tail.to_vec();
+    seam.extend_from_slice(&data[..data.len().min(3)]);
+    if let Some(end) = event_end(&seam).filter(|&end| end > tail.len()) {
+        return Some(end - tail.len());
+    }
+    event_end(data)
+}
+
+/// The last three bytes of `tail` followed by `data`.
+fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
+    tail.extend_from_slice(&data[data.len().saturating_sub(3)..]);
+    let excess = tail.len().saturating_sub(3);
+    tail.drain(..excess);
 }
 
 /// The end of the first SSE event in `buf` (after its blank line), if it is complete.
@@ -90,6 +116,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
+        if let Some(queued) = this.queued.take() {
+            return Poll::Ready(Some(Ok(Frame::data(queued))));
+        }
         loop {
             let frame = match ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
@@ -102,22 +131,52 @@ where
                 Ok(data) => data,
                 Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
             };
-            if *this.passthrough {
-                return Poll::Ready(Some(Ok(Frame::data(data))));
-            }
+            let data = if *this.oversized {
+                let Some(end) = end_in(this.tail, &data) else {
+                    keep_tail(this.tail, &data);
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                };
+                // The oversized event ends here: it goes out as it came, and what follows
+                // is stripped as usual.
+                *this.oversized = false;
+                this.tail.clear();
+                let (out, used) = strip_events(&data.slice(end..));
+                this.pending.extend_from_slice(&data[end + used..]);
+                if !out.is_empty() {
+                    *this.queued = Some(out);
+                }
+                return Poll::Ready(Some(Ok(Frame::data(data.slice(..end)))));
+            } else {
+                data
+            };
             let buf = if this.pending.is_empty() {
                 data
             } else {
+                // Only the new bytes (and the three before them) can hold the end of the
+                // event under way: an event arriving in many small frames costs linear
+                // time, not a rescan of all it has so far per frame.
+                let from = this.pending.len().saturating_sub(3);
                 this.pending.extend_from_slice(&data);
+                if event_end(&this.pending[from..]).is_none() {
+                    if this.pending.len() > MAX_PENDING {
+                        *this.oversized = true;
+                        let held = this.pending.split().freeze();
+                        keep_tail(this.tail, &held);
+                        return Poll::Ready(Some(Ok(Frame::data(held))));
+                    }
+                    continue;
+                }
                 this.pending.split().freeze()
             };
             let (out, used) = strip_events(&buf);
             if used < buf.len() {
                 this.pending.extend_from_slice(&buf[used..]);
                 if this.pending.len() > MAX_PENDING {
-                    *this.passthrough = true;
+                    *this.oversized = true;
+                    let held = this.pending.split();
+                    keep_tail(this.tail, &held);
                     let mut all = BytesMut::from(&out[..]);
-                    all.extend_from_slice(&this.pending.split());
+                    all.extend_from_slice(&held);
                     return Poll::Ready(Some(Ok(Frame::data(all.freeze()))));
                 }
             }
@@ -128,7 +187,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending.is_empty() && self.inner.is_end_stream()
+        self.queued.is_none() && self.pending.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -179,6 +238,19 @@ data: [DONE]\n\n";
         let (out, used) = strip_events(&done);
         assert_eq!(used, done.len());
         assert_eq!(out.as_ptr(), done.as_ptr(), "no copy");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_event_passes_as_is_and_stripping_resumes_after_it() {
+        let big = format!("data: {}\n\n", "x".repeat(MAX_PENDING + 10));
+        let mut with = big.clone().into_bytes();
+        with.extend_from_slice(WITH);
+        let mut without = big.into_bytes();
+        without.extend_from_slice(WITHOUT);
+        for frame in [7, 4096, 65536, MAX_PENDING + 9, MAX_PENDING + 16] {
+            let chunks = with.chunks(frame).map(Bytes::copy_from_slice).collect();
+            assert_eq!(run(chunks).await, without, "frames of {frame}");
+        }
     }
 
     #[tokio::test]

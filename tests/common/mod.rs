@@ -238,7 +238,8 @@ impl Proxy {
     /// Waits until the proxy's log holds `needle` `times` times (settlements that count
     /// tokens finish on the blocking pool, a moment after the response).
     pub async fn wait_for_log(&self, needle: &str, times: usize) {
-        for _ in 0..250 {
+        // Up to 15 s: the first count builds the tokenizer, slow on a loaded machine.
+        for _ in 0..750 {
             if self.proc.log_text().matches(needle).count() >= times {
                 return;
             }
