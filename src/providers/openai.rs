@@ -17,6 +17,7 @@ pub fn error_body(class: ErrorClass, message: &str) -> Bytes {
         ErrorClass::UpstreamTimeout => ("server_error", "upstream_timeout"),
         ErrorClass::BudgetExhausted => ("insufficient_quota", "budget_exceeded"),
         ErrorClass::PermissionDenied => ("invalid_request_error", "model_not_allowed"),
+        ErrorClass::Paused => ("invalid_request_error", "agent_paused"),
         ErrorClass::RateLimited => ("rate_limit_exceeded", "rate_limit_exceeded"),
         ErrorClass::Internal => ("server_error", "internal_error"),
     };

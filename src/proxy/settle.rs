@@ -329,6 +329,7 @@ impl Settlement {
             fingerprint: (!request.is_empty()).then(|| hex::encode(Sha256::digest(&request))),
             client: client_addr.to_string(),
             detail: None,
+            by: None,
             request_body: include_bodies.then(|| String::from_utf8_lossy(&request).into_owned()),
             response_body,
         });
@@ -364,9 +365,11 @@ impl Settlement {
 pub enum RunEvent {
     Stopped,
     Warning,
+    /// An admin resumed the run; `Runs::replay_audit` forgets its stop from here on.
+    Resumed,
 }
 
-/// Writes a run's stop or warning: an audit line and a metric.
+/// Writes a run's stop, warning or resume: an audit line, and a metric for the first two.
 pub fn run_event(
     audit: &AuditLog,
     metrics: &Metrics,
@@ -397,6 +400,10 @@ pub fn run_event(
                 .with_label_values(&[&agent.id, condition])
                 .inc();
             "warning"
+        }
+        RunEvent::Resumed => {
+            tracing::info!(agent = agent.id, run, "run resumed: {}", crossed.message);
+            "resumed"
         }
     };
     audit.append(Record {

@@ -1,0 +1,972 @@
+//! The admin listener.
+//!
+//! Open to anyone who can reach it (loopback by default): `/metrics` (Prometheus text
+//! format), `/healthz`, `/readyz`. Behind a bearer token ([`auth`]): `/admin/*`, the
+//! agents and their budgets, runs, pauses and config reloads ([`reload`]). Every request
+//! to `/admin/*` writes an audit line of kind `admin`: who (the token's name), what (the
+//! `reason`), how it went (`outcome`); a refused token writes one too, with the client's
+//! address and never the token.
+//!
+//! Pauses are kept in [`crate::guard::Switches`] and replayed from their admin lines at
+//! start; run stops and resumes are written as `run` lines, which
+//! [`crate::guard::runs::Runs::replay_audit`] replays.
+
+pub mod auth;
+pub mod reload;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::audit::{now_rfc3339, Record};
+use crate::guard::runs::{Condition, Crossed, RunLimits, RunView};
+use crate::guard::SwitchAction;
+use crate::identity::Agent;
+use crate::ledger::{nanos_to_usd, Account, BudgetKey, Limit, Scope};
+use crate::proxy::settle::{self, RunEvent};
+use crate::proxy::{AppState, Live};
+use auth::AuthError;
+use reload::ReloadError;
+
+/// The admin API takes no request body worth the name; anything larger is refused.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+pub async fn handle(
+    state: &AppState,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match (req.method(), path) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/metrics") => metrics(state).await,
+        (&Method::GET, "/readyz") if state.is_draining() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
+        (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
+        _ if path == "/admin" || path.starts_with("/admin/") => admin(state, req, peer).await,
+        _ => error_response(&AdminError::NotFound(path.to_owned())),
+    }
+}
+
+// === errors ===
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("no such endpoint: {0}")]
+    NotFound(String),
+    #[error("{method} is not allowed on {path}; use {allow}")]
+    MethodNotAllowed {
+        method: Method,
+        path: String,
+        allow: &'static str,
+    },
+    #[error("the request body is over {MAX_BODY_BYTES} bytes")]
+    BodyTooLarge,
+    #[error("cannot read the request body")]
+    BodyRead,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("unknown agent {0:?}")]
+    UnknownAgent(String),
+    #[error("no run {run:?}{}", match .agent { Some(a) => format!(" of agent {a:?}"), None => " (to stop a run ahead of time, name its agent with ?agent=ID)".to_owned() })]
+    UnknownRun { run: String, agent: Option<String> },
+    #[error("run {run:?} belongs to several agents ({agents}); name one with ?agent=ID")]
+    AmbiguousRun { run: String, agents: String },
+    #[error("cannot read the budgets from Redis: {0}")]
+    Store(String),
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
+}
+
+impl AdminError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AdminError::Auth(_) => StatusCode::UNAUTHORIZED,
+            AdminError::NotFound(_)
+            | AdminError::UnknownAgent(_)
+            | AdminError::UnknownRun { .. } => StatusCode::NOT_FOUND,
+            AdminError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AdminError::BodyRead | AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::AmbiguousRun { .. } => StatusCode::CONFLICT,
+            AdminError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::Reload(ReloadError::NoConfigFile) => StatusCode::INTERNAL_SERVER_ERROR,
+            AdminError::Reload(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// `{"error":{"message":…}}`, with the problems of a config a reload refused.
+fn error_response(error: &AdminError) -> Response<Full<Bytes>> {
+    let mut body = json!({ "error": { "message": error.to_string() } });
+    if let AdminError::Reload(e) = error {
+        body["error"]["problems"] = json!(e.problems());
+    }
+    let mut response = json_response(error.status(), &body);
+    if let AdminError::MethodNotAllowed { allow, .. } = error {
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    response
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    // Serialising plain data (strings, numbers, maps with string keys) cannot fail.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+// === the audit lines ===
+
+/// Who asked for an admin action, and how.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The admin token's name, or `SIGHUP`.
+    pub by: String,
+    pub client: String,
+    pub method: String,
+    /// Without the query string.
+    pub path: String,
+}
+
+impl Caller {
+    /// A reload asked for by the signal.
+    pub fn sighup() -> Caller {
+        Caller {
+            by: crate::config::SIGHUP_NAME.to_owned(),
+            client: String::new(),
+            method: String::new(),
+            path: String::new(),
+        }
+    }
+}
+
+/// What an admin line says beyond its caller.
+pub struct Entry<'a> {
+    /// The action: `list_agents`, `pause`, `stop_run`, `reload`, …
+    pub reason: &'static str,
+    /// `ok`, or `failed` with the error in `detail`.
+    pub outcome: &'static str,
+    pub status: u16,
+    pub agent: Option<&'a str>,
+    pub run: Option<&'a str>,
+    pub detail: String,
+}
+
+pub fn audit_line(state: &AppState, caller: &Caller, entry: Entry<'_>) {
+    let team = entry.agent.and_then(|id| {
+        let live = state.live.load();
+        live.config
+            .agents
+            .iter()
+            .find(|a| a.id == id)
+            .and_then(|a| a.team.clone())
+    });
+    state.audit.append(Record {
+        ts: now_rfc3339(),
+        kind: "admin",
+        agent: entry.agent.map(str::to_owned),
+        team,
+        run: entry.run.map(str::to_owned),
+        method: caller.method.clone(),
+        path: caller.path.clone(),
+        status: entry.status,
+        outcome: entry.outcome,
+        reason: entry.reason.to_owned(),
+        client: caller.client.clone(),
+        detail: Some(entry.detail),
+        by: Some(caller.by.clone()),
+        ..Record::default()
+    });
+}
+
+// === routing ===
+
+/// The endpoints behind the token.
+#[derive(Debug)]
+enum Route {
+    Agents,
+    Agent(String, SwitchAction),
+    Runs,
+    Run(String),
+    StopRun(String),
+    ResumeRun(String),
+    All(SwitchAction),
+    Reload,
+}
+
+impl Route {
+    /// Parses the path after `/admin`; run and agent ids are percent-decoded segments
+    /// (a run id holding `/` is sent as `%2F`).
+    fn parse(path: &str) -> Result<Route, AdminError> {
+        let not_found = || AdminError::NotFound(path.to_owned());
+        let rest = path.strip_prefix("/admin/").ok_or_else(not_found)?;
+        let segments: Vec<&str> = rest.split('/').collect();
+        let id = |s: &str| {
+            percent_decode(s, false)
+                .filter(|id| !id.is_empty())
+                .ok_or_else(|| AdminError::BadRequest(format!("bad id in the path: {s:?}")))
+        };
+        Ok(match segments.as_slice() {
+            ["agents"] => Route::Agents,
+            ["agents", agent, "pause"] => Route::Agent(id(agent)?, SwitchAction::Pause),
+            ["agents", agent, "resume"] => Route::Agent(id(agent)?, SwitchAction::Resume),
+            ["runs"] => Route::Runs,
+            ["runs", run] => Route::Run(id(run)?),
+            ["runs", run, "stop"] => Route::StopRun(id(run)?),
+            ["runs", run, "resume"] => Route::ResumeRun(id(run)?),
+            ["pause-all"] => Route::All(SwitchAction::PauseAll),
+            ["resume-all"] => Route::All(SwitchAction::ResumeAll),
+            ["reload"] => Route::Reload,
+            _ => return Err(not_found()),
+        })
+    }
+
+    /// The one method the endpoint takes.
+    fn allow(&self) -> &'static str {
+        match self {
+            Route::Agents | Route::Runs | Route::Run(_) => "GET",
+            _ => "POST",
+        }
+    }
+
+    /// The agent and the run the path names, for the audit line of a failure.
+    fn ids(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Route::Agent(agent, _) => (Some(agent), None),
+            Route::Run(run) | Route::StopRun(run) | Route::ResumeRun(run) => (None, Some(run)),
+            _ => (None, None),
+        }
+    }
+
+    /// The action, as the audit line's `reason` names it.
+    fn action(&self) -> &'static str {
+        match self {
+            Route::Agents => "list_agents",
+            Route::Agent(_, action) | Route::All(action) => action.as_str(),
+            Route::Runs => "list_runs",
+            Route::Run(_) => "get_run",
+            Route::StopRun(_) => "stop_run",
+            Route::ResumeRun(_) => "resume_run",
+            Route::Reload => "reload",
+        }
+    }
+}
+
+/// What an action did: the answer, and what its audit line names.
+struct Done {
+    body: serde_json::Value,
+    agent: Option<String>,
+    run: Option<String>,
+    detail: String,
+}
+
+async fn admin(
+    state: &AppState,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let live = state.live.load_full();
+    let mut caller = Caller {
+        by: String::new(),
+        client: peer.to_string(),
+        method: method.to_string(),
+        path,
+    };
+    match live.admin_tokens.check(req.headers()) {
+        Ok(name) => caller.by = name.to_owned(),
+        Err(e) => {
+            tracing::warn!(client = %peer, %method, path = caller.path, "admin request refused: {e}");
+            let error = AdminError::Auth(e);
+            audit_line(
+                state,
+                &caller,
+                Entry {
+                    reason: "unauthorized",
+                    outcome: "rejected",
+                    status: error.status().as_u16(),
+                    agent: None,
+                    run: None,
+                    detail: error.to_string(),
+                },
+            );
+            return error_response(&error);
+        }
+    }
+    let route = match Route::parse(&caller.path) {
+        Ok(route) => route,
+        Err(error) => return failed(state, &caller, "unknown", (None, None), error),
+    };
+    let ids = route.ids();
+    if method.as_str() != route.allow() {
+        let error = AdminError::MethodNotAllowed {
+            method,
+            path: caller.path.clone(),
+            allow: route.allow(),
+        };
+        return failed(state, &caller, route.action(), ids, error);
+    }
+    let query = match parse_query(req.uri().query().unwrap_or_default()) {
+        Ok(query) => query,
+        Err(error) => return failed(state, &caller, route.action(), ids, error),
+    };
+    let ids = (query.get("agent").map(String::as_str).or(ids.0), ids.1);
+    if let Err(error) = read_body(req).await {
+        return failed(state, &caller, route.action(), ids, error);
+    }
+    let result = match &route {
+        // A reload writes its own audit line, as one by SIGHUP does.
+        Route::Reload => {
+            return match reload::reload(state, &caller).await {
+                Ok(reloaded) => json_response(StatusCode::OK, &reloaded),
+                Err(e) => error_response(&AdminError::Reload(e)),
+            }
+        }
+        Route::Agents => list_agents(state, &live).await,
+        Route::Agent(agent, action) => switch_agent(state, &live, agent, *action),
+        Route::All(action) => switch_all(state, &live, *action),
+        Route::Runs => list_runs(state, &live, query.get("agent")),
+        Route::Run(run) => get_run(state, run, query.get("agent")),
+        Route::StopRun(run) => stop_run(state, &live, &caller, run, query.get("agent")),
+        Route::ResumeRun(run) => resume_run(state, &live, &caller, run, query.get("agent")),
+    };
+    match result {
+        Ok(done) => {
+            audit_line(
+                state,
+                &caller,
+                Entry {
+                    reason: route.action(),
+                    outcome: "ok",
+                    status: 200,
+                    agent: done.agent.as_deref(),
+                    run: done.run.as_deref(),
+                    detail: done.detail,
+                },
+            );
+            json_response(StatusCode::OK, &done.body)
+        }
+        Err(error) => failed(state, &caller, route.action(), ids, error),
+    }
+}
+
+/// Audits a refused admin request and answers it.
+fn failed(
+    state: &AppState,
+    caller: &Caller,
+    action: &'static str,
+    (agent, run): (Option<&str>, Option<&str>),
+    error: AdminError,
+) -> Response<Full<Bytes>> {
+    audit_line(
+        state,
+        caller,
+        Entry {
+            reason: action,
+            outcome: "failed",
+            status: error.status().as_u16(),
+            agent,
+            run,
+            detail: error.to_string(),
+        },
+    );
+    error_response(&error)
+}
+
+/// Reads (and drops) the request body, refusing one over [`MAX_BODY_BYTES`].
+async fn read_body(req: Request<Incoming>) -> Result<(), AdminError> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        return Err(AdminError::BodyTooLarge);
+    }
+    match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(AdminError::BodyTooLarge),
+        Err(_) => Err(AdminError::BodyRead),
+    }
+}
+
+/// `a=1&b=x%20y`, percent-decoded (`+` is a space); the last of a repeated key wins.
+fn parse_query(query: &str) -> Result<HashMap<String, String>, AdminError> {
+    let mut out = HashMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &str| {
+            percent_decode(s, true)
+                .ok_or_else(|| AdminError::BadRequest(format!("bad query string: {pair:?}")))
+        };
+        out.insert(decode(key)?, decode(value)?);
+    }
+    if out.get("agent").is_some_and(String::is_empty) {
+        return Err(AdminError::BadRequest("?agent= needs an agent id".into()));
+    }
+    Ok(out)
+}
+
+/// Decodes `%XX` escapes (and `+` as a space in a query); `None` for a broken escape or
+/// bytes that are not UTF-8.
+fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+// === agents and pauses ===
+
+#[derive(Serialize)]
+struct AgentView {
+    id: String,
+    team: Option<String>,
+    /// `active` or `paused`.
+    state: &'static str,
+    /// Why it is paused: `agent` (paused itself), `pause_all`, or both.
+    paused_by: Vec<&'static str>,
+    active_runs: u64,
+    stopped_runs: u64,
+    budgets: Vec<BudgetView>,
+}
+
+#[derive(Serialize)]
+struct BudgetView {
+    /// `agent` or `team`.
+    scope: &'static str,
+    id: String,
+    period: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usd: Option<Figures<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens: Option<Figures<u64>>,
+}
+
+/// One unit of a budget in its current period; `remaining` is the limit less the
+/// settled spend (what `tokenwarden_budget_remaining` shows), `reserved` what requests
+/// in flight hold on top.
+#[derive(Serialize)]
+struct Figures<T> {
+    limit: T,
+    spent: T,
+    reserved: T,
+    remaining: T,
+}
+
+fn paused_by(state: &AppState, agent: &str) -> Vec<&'static str> {
+    let mut by = Vec::new();
+    if state.switches.paused_agents().iter().any(|a| a == agent) {
+        by.push("agent");
+    }
+    if state.switches.all_paused() {
+        by.push("pause_all");
+    }
+    by
+}
+
+async fn list_agents(state: &AppState, live: &Live) -> Result<Done, AdminError> {
+    let limits = live.policies.all_limits();
+    let accounts = accounts(state, &limits).await.map_err(AdminError::Store)?;
+    let runs = run_counts(state, live);
+    let agents: Vec<AgentView> = live
+        .config
+        .agents
+        .iter()
+        .map(|a| {
+            let paused_by = paused_by(state, &a.id);
+            let (active_runs, stopped_runs) = runs.get(a.id.as_str()).copied().unwrap_or((0, 0));
+            let budgets = live
+                .policies
+                .get(&a.id)
+                .map(|p| p.budgets())
+                .unwrap_or_default()
+                .iter()
+                .map(|limit| {
+                    budget_view(limit, accounts.get(&limit.key).copied().unwrap_or_default())
+                })
+                .collect();
+            AgentView {
+                id: a.id.clone(),
+                team: a.team.clone(),
+                state: if paused_by.is_empty() {
+                    "active"
+                } else {
+                    "paused"
+                },
+                paused_by,
+                active_runs,
+                stopped_runs,
+                budgets,
+            }
+        })
+        .collect();
+    Ok(Done {
+        detail: format!("listed {} agents", agents.len()),
+        body: json!({ "pause_all": state.switches.all_paused(), "agents": agents }),
+        agent: None,
+        run: None,
+    })
+}
+
+fn budget_view(limit: &Limit, account: Account) -> BudgetView {
+    BudgetView {
+        scope: limit.key.scope.as_str(),
+        id: limit.key.id.to_string(),
+        period: limit.key.period.as_str(),
+        usd: limit.nanos.map(|max| Figures {
+            limit: nanos_to_usd(max),
+            spent: nanos_to_usd(account.spent.nanos),
+            reserved: nanos_to_usd(account.reserved.nanos),
+            remaining: nanos_to_usd(max.saturating_sub(account.spent.nanos)),
+        }),
+        tokens: limit.tokens.map(|max| Figures {
+            limit: max,
+            spent: account.spent.tokens,
+            reserved: account.reserved.tokens,
+            remaining: max.saturating_sub(account.spent.tokens),
+        }),
+    }
+}
+
+fn switch_agent(
+    state: &AppState,
+    live: &Live,
+    agent: &str,
+    action: SwitchAction,
+) -> Result<Done, AdminError> {
+    if !live.config.agents.iter().any(|a| a.id == agent) {
+        return Err(AdminError::UnknownAgent(agent.to_owned()));
+    }
+    let changed = state.switches.apply(action, Some(agent));
+    let paused_by = paused_by(state, agent);
+    let verb = if action == SwitchAction::Pause {
+        "paused"
+    } else {
+        "resumed"
+    };
+    tracing::warn!(agent, "agent {verb} by an admin");
+    Ok(Done {
+        detail: format!(
+            "agent {agent} {}{verb}",
+            if changed { "" } else { "was already " }
+        ),
+        body: json!({
+            "agent": agent,
+            "state": if paused_by.is_empty() { "active" } else { "paused" },
+            "paused_by": paused_by,
+            "changed": changed,
+        }),
+        agent: Some(agent.to_owned()),
+        run: None,
+    })
+}
+
+fn switch_all(state: &AppState, live: &Live, action: SwitchAction) -> Result<Done, AdminError> {
+    let changed = state.switches.apply(action, None);
+    let on = state.switches.all_paused();
+    tracing::warn!(
+        "pause-all turned {} by an admin",
+        if on { "on" } else { "off" }
+    );
+    Ok(Done {
+        detail: format!(
+            "pause-all {}{}",
+            if changed { "" } else { "was already " },
+            if on { "on" } else { "off" }
+        ),
+        body: json!({
+            "pause_all": on,
+            "changed": changed,
+            "paused_agents": paused_agent_count(state, live),
+        }),
+        agent: None,
+        run: None,
+    })
+}
+
+/// Configured agents that may not send requests now.
+fn paused_agent_count(state: &AppState, live: &Live) -> usize {
+    if state.switches.all_paused() {
+        return live.config.agents.len();
+    }
+    let paused = state.switches.paused_agents();
+    live.config
+        .agents
+        .iter()
+        .filter(|a| paused.contains(&a.id))
+        .count()
+}
+
+// === runs ===
+
+/// A configured agent's id, or 404.
+fn known_agent<'a>(live: &Live, agent: &'a str) -> Result<&'a str, AdminError> {
+    if live.config.agents.iter().any(|a| a.id == agent) {
+        Ok(agent)
+    } else {
+        Err(AdminError::UnknownAgent(agent.to_owned()))
+    }
+}
+
+fn list_runs(state: &AppState, live: &Live, agent: Option<&String>) -> Result<Done, AdminError> {
+    let agent = agent.map(|a| known_agent(live, a)).transpose()?;
+    let runs = state.runs.list(agent);
+    Ok(Done {
+        detail: format!("listed {} runs", runs.len()),
+        body: json!({ "runs": runs }),
+        agent: agent.map(str::to_owned),
+        run: None,
+    })
+}
+
+/// The runs with this id, of `agent` if given.
+fn find_runs(state: &AppState, run: &str, agent: Option<&str>) -> Vec<RunView> {
+    let mut found = state.runs.get(run);
+    if let Some(agent) = agent {
+        found.retain(|r| r.agent == agent);
+    }
+    found.sort_by(|a, b| a.agent.cmp(&b.agent));
+    found
+}
+
+fn get_run(state: &AppState, run: &str, agent: Option<&String>) -> Result<Done, AdminError> {
+    let agent = agent.map(String::as_str);
+    let runs = find_runs(state, run, agent);
+    if runs.is_empty() {
+        return Err(AdminError::UnknownRun {
+            run: run.to_owned(),
+            agent: agent.map(str::to_owned),
+        });
+    }
+    Ok(Done {
+        detail: format!("viewed run {run} ({} found)", runs.len()),
+        body: json!({ "runs": runs }),
+        agent: agent.map(str::to_owned),
+        run: Some(run.to_owned()),
+    })
+}
+
+/// The agent whose run `run` an action is about: `?agent=` if given (a configured agent),
+/// else the one agent with a run of that id.
+fn run_owner(
+    state: &AppState,
+    live: &Live,
+    run: &str,
+    agent: Option<&String>,
+) -> Result<(Agent, Option<RunView>), AdminError> {
+    let owner = match agent {
+        Some(agent) => known_agent(live, agent)?.to_owned(),
+        None => {
+            let found = find_runs(state, run, None);
+            match found.as_slice() {
+                [] => {
+                    return Err(AdminError::UnknownRun {
+                        run: run.to_owned(),
+                        agent: None,
+                    })
+                }
+                [one] => one.agent.clone(),
+                many => {
+                    return Err(AdminError::AmbiguousRun {
+                        run: run.to_owned(),
+                        agents: many
+                            .iter()
+                            .map(|r| r.agent.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })
+                }
+            }
+        }
+    };
+    let view = find_runs(state, run, Some(&owner)).pop();
+    // An agent a reload removed may still have runs; it has no team then.
+    let team = live
+        .config
+        .agents
+        .iter()
+        .find(|a| a.id == owner)
+        .and_then(|a| a.team.clone());
+    Ok((Agent { id: owner, team }, view))
+}
+
+fn stop_run(
+    state: &AppState,
+    live: &Live,
+    caller: &Caller,
+    run: &str,
+    agent: Option<&String>,
+) -> Result<Done, AdminError> {
+    let (agent, before) = run_owner(state, live, run, agent)?;
+    let already = before.as_ref().is_some_and(|r| r.stopped.is_some());
+    if !already {
+        let crossed = state.runs.stop(&agent.id, run, &caller.by);
+        // The `run` line is what a restart replays the stop from.
+        settle::run_event(
+            &state.audit,
+            &state.metrics,
+            &agent,
+            run,
+            RunEvent::Stopped,
+            &crossed,
+        );
+    }
+    let view = find_runs(state, run, Some(&agent.id)).pop();
+    Ok(Done {
+        detail: format!(
+            "run {run} of agent {} {}",
+            agent.id,
+            if already {
+                "was already stopped"
+            } else if before.is_none() {
+                "stopped ahead of its first request"
+            } else {
+                "stopped"
+            }
+        ),
+        body: json!({ "run": view, "changed": !already }),
+        agent: Some(agent.id),
+        run: Some(run.to_owned()),
+    })
+}
+
+fn resume_run(
+    state: &AppState,
+    live: &Live,
+    caller: &Caller,
+    run: &str,
+    agent: Option<&String>,
+) -> Result<Done, AdminError> {
+    let (agent, before) = run_owner(state, live, run, agent)?;
+    if before.is_none() {
+        return Err(AdminError::UnknownRun {
+            run: run.to_owned(),
+            agent: Some(agent.id),
+        });
+    }
+    let changed = state.runs.resume(&agent.id, run);
+    if changed {
+        let resumed = Crossed {
+            condition: Condition::Admin,
+            message: format!(
+                "run {run} of agent {} was resumed by {}",
+                agent.id, caller.by
+            ),
+        };
+        settle::run_event(
+            &state.audit,
+            &state.metrics,
+            &agent,
+            run,
+            RunEvent::Resumed,
+            &resumed,
+        );
+    }
+    let view = find_runs(state, run, Some(&agent.id)).pop();
+    Ok(Done {
+        detail: format!(
+            "run {run} of agent {} {}",
+            agent.id,
+            if changed {
+                "resumed"
+            } else {
+                "was not stopped"
+            }
+        ),
+        body: json!({ "run": view, "changed": changed }),
+        agent: Some(agent.id),
+        run: Some(run.to_owned()),
+    })
+}
+
+/// Per agent: runs active (a request in flight, or one within the agent's idle gap) and
+/// runs stopped.
+fn run_counts(state: &AppState, live: &Live) -> HashMap<String, (u64, u64)> {
+    let default_gap = RunLimits::default().idle_gap;
+    let mut out: HashMap<String, (u64, u64)> = HashMap::new();
+    for run in state.runs.list(None) {
+        let gap = live
+            .policies
+            .get(&run.agent)
+            .map_or(default_gap, |p| p.runs.idle_gap);
+        let entry = out.entry(run.agent.clone()).or_default();
+        if run.stopped.is_some() {
+            entry.1 += 1;
+        } else if run.in_flight > 0 || Duration::from_secs_f64(run.idle_seconds) < gap {
+            entry.0 += 1;
+        }
+    }
+    out
+}
+
+// === metrics ===
+
+async fn metrics(state: &AppState) -> Response<Full<Bytes>> {
+    let live = state.live.load_full();
+    update_budget_gauges(state, &live).await;
+    let active: u64 = run_counts(state, &live).values().map(|(a, _)| a).sum();
+    state.metrics.runs_active.set(active as i64);
+    state
+        .metrics
+        .paused_agents
+        .set(paused_agent_count(state, &live) as i64);
+    let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// The current period's account of each limit, from the ledger or Redis.
+async fn accounts(
+    state: &AppState,
+    limits: &[(Limit, String)],
+) -> Result<HashMap<BudgetKey, Account>, String> {
+    let accounts = match &state.redis {
+        None => state.ledger.accounts(),
+        Some(redis) => {
+            let (limits, tags): (Vec<_>, Vec<_>) = limits.iter().cloned().unzip();
+            redis
+                .accounts(&limits, &tags)
+                .await
+                .map_err(|e| e.to_string())?
+        }
+    };
+    Ok(accounts.into_iter().collect())
+}
+
+/// Sets the budget gauges from the ledger (or Redis), at scrape time: nothing on the
+/// request path. When Redis cannot be read, the gauges keep their last values.
+async fn update_budget_gauges(state: &AppState, live: &Live) {
+    let limits = live.policies.all_limits();
+    let accounts = match accounts(state, &limits).await {
+        Ok(accounts) => accounts,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read budgets from Redis for the metrics");
+            return;
+        }
+    };
+    let metrics = &state.metrics;
+    for (limit, _) in limits {
+        let account = accounts.get(&limit.key).copied().unwrap_or_default();
+        let (agent, team) = match limit.key.scope {
+            Scope::Agent => (&*limit.key.id, ""),
+            Scope::Team => ("", &*limit.key.id),
+        };
+        let period = limit.key.period.as_str();
+        if let Some(max) = limit.nanos {
+            let labels = [agent, team, period, "usd"];
+            let left = max.saturating_sub(account.spent.nanos);
+            metrics
+                .budget_remaining
+                .with_label_values(&labels)
+                .set(nanos_to_usd(left));
+            metrics
+                .budget_reserved
+                .with_label_values(&labels)
+                .set(nanos_to_usd(account.reserved.nanos));
+        }
+        if let Some(max) = limit.tokens {
+            let labels = [agent, team, period, "tokens"];
+            let left = max.saturating_sub(account.spent.tokens);
+            metrics
+                .budget_remaining
+                .with_label_values(&labels)
+                .set(left as f64);
+            metrics
+                .budget_reserved
+                .with_label_values(&labels)
+                .set(account.reserved.tokens as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_in_paths_are_percent_decoded_segments() {
+        match Route::parse("/admin/runs/a%2Fb%20c/stop").unwrap() {
+            Route::StopRun(id) => assert_eq!(id, "a/b c"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Route::parse("/admin/agents/x/pause").unwrap(),
+            Route::Agent(id, SwitchAction::Pause) if id == "x"
+        ));
+        assert!(matches!(
+            Route::parse("/admin/runs/a/b"),
+            Err(AdminError::NotFound(_))
+        ));
+        assert!(matches!(
+            Route::parse("/admin/runs/%zz"),
+            Err(AdminError::BadRequest(_))
+        ));
+        assert!(matches!(
+            Route::parse("/admin"),
+            Err(AdminError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn queries_are_decoded() {
+        let q = parse_query("agent=agent%2Da&x=a+b&flag").unwrap();
+        assert_eq!(q["agent"], "agent-a");
+        assert_eq!(q["x"], "a b");
+        assert_eq!(q["flag"], "");
+        assert!(parse_query("agent=").is_err());
+        assert!(parse_query("agent=%f").is_err());
+    }
+}
