@@ -202,7 +202,8 @@ pub fn audit_line(state: &AppState, caller: &Caller, entry: Entry<'_>) {
         reason: entry.reason.to_owned(),
         client: caller.client.clone(),
         detail: Some(entry.detail),
-        by: Some(caller.by.clone()),
+        // A refused attempt has no one to name: never the token it presented.
+        by: (!caller.by.is_empty()).then(|| caller.by.clone()),
         ..Record::default()
     });
 }
