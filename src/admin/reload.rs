@@ -26,11 +26,14 @@ pub fn load_live(path: &Path) -> anyhow::Result<Live> {
             );
         }
     }
-    if live.admin_tokens.is_empty() {
+    let unset = live.admin_tokens.unset();
+    if !unset.is_empty() {
         tracing::warn!(
-            unset = ?live.admin_tokens.unset(),
-            "no admin token is set: /admin/* answers 401 (set admin.token_env)"
+            "admin token variables not set: {}; those tokens are refused",
+            unset.join(", ")
         );
+    } else if live.admin_tokens.is_empty() {
+        tracing::warn!("no admin token is configured: /admin/* answers 401 (set admin.token_env)");
     }
     Ok(live)
 }
