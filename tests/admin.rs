@@ -734,3 +734,39 @@ async fn sighup_reloads_the_config_file() {
     // Still running, still serving the admin API.
     admin_ok(&proxy, "GET", "/admin/agents").await;
 }
+
+#[tokio::test]
+async fn in_redis_mode_agents_show_the_shared_budget() {
+    let mut redis = Redis::start();
+    let mock = Mock::start();
+    let key_line = format!(
+        "key_sha256 = \"{}\"\n",
+        tokenwarden::identity::key_digest_hex(KEY_A)
+    );
+    let budgets = "[[agents.budgets]]\nperiod = \"day\"\ntokens = 100000\n";
+    let config = admin_config(&mock).replacen(&key_line, &format!("{key_line}{budgets}"), 1)
+        + &format!("[storage]\nredis_url = \"{}\"\n", redis.url());
+    let proxy = start(&config);
+    assert_eq!(chat_status(&proxy, KEY_A, None).await, 200);
+    let lines = proxy.wait_for_audit_lines(1).await;
+    let tokens = tokens_of(&lines[0]);
+    // Settlement in Redis trails the audit line by a round trip: poll the figure.
+    let mut spent = Value::Null;
+    for _ in 0..250 {
+        let agents = admin_ok(&proxy, "GET", "/admin/agents").await;
+        spent = agents["agents"][0]["budgets"][0]["tokens"]["spent"].clone();
+        if spent == tokens {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(spent, tokens);
+
+    // Redis down: the budgets cannot be shown (503), the switches still work.
+    redis.stop();
+    let (status, _, body) = admin(&proxy, "GET", "/admin/agents", Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("Redis"));
+    admin_ok(&proxy, "POST", "/admin/agents/agent-b/pause").await;
+    assert_eq!(chat_status(&proxy, KEY_B, None).await, 403);
+}
