@@ -123,7 +123,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert_file: PathBuf,
@@ -135,8 +135,11 @@ pub struct TlsConfig {
 pub struct AdminConfig {
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`, `/admin/...`).
     pub listen: String,
-    /// Name of the environment variable holding the admin bearer token.
+    /// Name of the environment variable holding the admin bearer token; the audit log
+    /// names this token `admin`.
     pub token_env: Option<String>,
+    /// More bearer tokens, each with the name the audit log gives its holder.
+    pub tokens: Vec<AdminTokenConfig>,
 }
 
 impl Default for AdminConfig {
@@ -144,8 +147,24 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: "127.0.0.1:9090".into(),
             token_env: None,
+            tokens: Vec::new(),
         }
     }
+}
+
+/// The name of the token read from `admin.token_env`.
+pub const ADMIN_TOKEN_NAME: &str = "admin";
+/// Who a reload by signal is audited as; no token may take this name.
+pub const SIGHUP_NAME: &str = "SIGHUP";
+
+/// A named admin token, `[[admin.tokens]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTokenConfig {
+    /// Who holds it, as admin lines of the audit log name them.
+    pub name: String,
+    /// The environment variable holding the token.
+    pub token_env: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -397,8 +416,9 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        let mut config =
-            Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // Kept as a `ConfigErrors` under the context, so a reload can list the problems.
+        let mut config = Config::parse(&text)
+            .map_err(|e| anyhow::Error::new(e).context(path.display().to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         if config.storage.dir.is_relative() {
             config.storage.dir = base.join(&config.storage.dir);
@@ -505,6 +525,25 @@ impl Config {
                     "admin.token_env".into(),
                     "not a valid environment variable name",
                 );
+            }
+        }
+        for (i, t) in self.admin.tokens.iter().enumerate() {
+            let at = |field: &str| format!("admin.tokens[{i}].{field}");
+            if !is_token_name(&t.name) {
+                bad(at("name"), "1 to 64 letters, digits, '.', '_' or '-'");
+            } else if t.name == ADMIN_TOKEN_NAME || t.name == SIGHUP_NAME {
+                bad(
+                    at("name"),
+                    &format!(
+                        "{:?} is reserved (admin.token_env's token, reloads by signal)",
+                        t.name
+                    ),
+                );
+            } else if self.admin.tokens[..i].iter().any(|u| u.name == t.name) {
+                bad(at("name"), &format!("duplicate token name {:?}", t.name));
+            }
+            if !is_env_name(&t.token_env) {
+                bad(at("token_env"), "not a valid environment variable name");
             }
         }
         for (name, d) in [
@@ -671,6 +710,48 @@ fn validate_budgets(budgets: &[BudgetConfig], at: &str, problems: &mut Vec<Strin
     }
 }
 
+// === reloading ===
+
+impl Config {
+    /// Puts back the settings of `running` that only a restart can change (listeners,
+    /// TLS, storage, the audit writer, the upstream connection pool, the budget time
+    /// zone), so that a reloaded config never claims what is not in effect. Returns the
+    /// field paths that differed: the reload ignores them.
+    pub fn keep_restart_settings(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut ignored = Vec::new();
+        macro_rules! keep {
+            ($path:literal, $($field:ident).+) => {
+                if self.$($field).+ != running.$($field).+ {
+                    ignored.push($path);
+                    self.$($field).+ = running.$($field).+.clone();
+                }
+            };
+        }
+        keep!("server.listen", server.listen);
+        keep!("server.tls", server.tls);
+        keep!("server.max_connections", server.max_connections);
+        keep!("server.header_read_timeout", server.header_read_timeout);
+        keep!("server.shutdown_grace", server.shutdown_grace);
+        keep!("admin.listen", admin.listen);
+        keep!("storage.dir", storage.dir);
+        keep!("storage.redis_url", storage.redis_url);
+        keep!("storage.redis_password_env", storage.redis_password_env);
+        keep!("storage.redis_timeout", storage.redis_timeout);
+        keep!("storage.snapshot_interval", storage.snapshot_interval);
+        keep!("upstream.connect_timeout", upstream.connect_timeout);
+        keep!("upstream.pool_idle_timeout", upstream.pool_idle_timeout);
+        keep!(
+            "upstream.pool_max_idle_per_host",
+            upstream.pool_max_idle_per_host
+        );
+        keep!("audit.max_file_bytes", audit.max_file_bytes);
+        keep!("audit.hmac_key_env", audit.hmac_key_env);
+        keep!("audit.commit_interval", audit.commit_interval);
+        keep!("budgets.timezone", budgets.timezone);
+        ignored
+    }
+}
+
 /// The built-in price table (`config/pricing.toml`, compiled in).
 fn builtin_pricing() -> BTreeMap<String, PriceConfig> {
     // The table is checked by a unit test; a parse failure here would mean a broken
@@ -685,6 +766,14 @@ pub fn parse_sha256(hex_digest: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(hex_digest, &mut out).ok()?;
     Some(out)
+}
+
+/// A token name goes into audit lines as written: keep it short and plain.
+fn is_token_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 fn is_env_name(name: &str) -> bool {
@@ -815,6 +904,54 @@ key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
             );
         }
         assert_eq!(err.problems.len(), want.len(), "{err}");
+    }
+
+    #[test]
+    fn admin_tokens_are_named_once_and_not_as_the_reserved_names() {
+        let text = format!(
+            "[admin]\ntoken_env = \"ADMIN_TOKEN\"\n\
+             [[admin.tokens]]\nname = \"ops\"\ntoken_env = \"OPS_TOKEN\"\n\
+             [[admin.tokens]]\nname = \"ops\"\ntoken_env = \"OPS2\"\n\
+             [[admin.tokens]]\nname = \"admin\"\ntoken_env = \"X\"\n\
+             [[admin.tokens]]\nname = \"SIGHUP\"\ntoken_env = \"Y\"\n\
+             [[admin.tokens]]\nname = \"a b\"\ntoken_env = \"1Z\"\n{}",
+            minimal()
+        );
+        let err = Config::parse(&text).unwrap_err();
+        for want in [
+            "admin.tokens[1].name: duplicate",
+            "admin.tokens[2].name: \"admin\" is reserved",
+            "admin.tokens[3].name: \"SIGHUP\" is reserved",
+            "admin.tokens[4].name:",
+            "admin.tokens[4].token_env:",
+        ] {
+            assert!(
+                err.problems.iter().any(|p| p.starts_with(want)),
+                "missing {want} in {err}"
+            );
+        }
+        assert_eq!(err.problems.len(), 5, "{err}");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_settings_only_a_restart_can_change() {
+        let running = Config::parse(&minimal()).unwrap();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\nmax_body_bytes = 10\n\
+             [storage]\ndir = \"elsewhere\"\n[budgets]\ntimezone = \"Europe/Berlin\"\n{}",
+            minimal()
+        );
+        let mut next = Config::parse(&text).unwrap();
+        let ignored = next.keep_restart_settings(&running);
+        assert_eq!(
+            ignored,
+            ["server.listen", "storage.dir", "budgets.timezone"]
+        );
+        assert_eq!(next.server.listen, running.server.listen);
+        assert_eq!(next.storage.dir, running.storage.dir);
+        assert_eq!(next.budgets.timezone, "UTC");
+        assert_eq!(next.server.max_body_bytes, 10, "taken: read per request");
+        assert!(next.keep_restart_settings(&running).is_empty());
     }
 
     #[test]

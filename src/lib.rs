@@ -15,8 +15,9 @@
 //! 4. Every error is answered in the provider's own shape ([`providers::ProviderKind`]),
 //!    with the request id header.
 //!
-//! [`config`] turns the TOML file into a validated [`config::Config`]; [`admin`] serves the
-//! health endpoints on its own listener; [`mock`] is a scriptable provider for tests,
+//! [`config`] turns the TOML file into a validated [`config::Config`]; [`admin`] serves
+//! metrics and health on its own listener, and behind a bearer token the admin API
+//! (agents, runs, pauses, config reload); [`mock`] is a scriptable provider for tests,
 //! benchmarks and the demo.
 
 #![forbid(unsafe_code)]

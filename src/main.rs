@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tokenwarden::admin::reload::load_live;
+use tokenwarden::admin::Caller;
 use tokenwarden::audit::{self, AuditLog, AuditSettings, SnapshotSettings};
 use tokenwarden::config::Config;
 use tokenwarden::ledger::redis::{RedisLedger, RedisSettings};
 use tokenwarden::ledger::{snapshot, Calendar, Ledger, SystemClock};
-use tokenwarden::proxy::{AppState, Live};
+use tokenwarden::proxy::AppState;
 use tokenwarden::secret::Secret;
 use tokenwarden::server::{self, Listeners};
 
@@ -158,20 +160,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn load_live(path: &std::path::Path) -> anyhow::Result<Live> {
-    let config = Config::load(path)?;
-    let live = Live::new(config, |name| std::env::var(name).ok())?;
-    for provider in live.router.providers() {
-        if let Err(env) = provider.credential() {
-            tracing::warn!(
-                provider = provider.name,
-                "environment variable {env} is not set: requests to this provider will be refused"
-            );
-        }
-    }
-    Ok(live)
-}
-
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let live = load_live(path)?;
     if let Some(tls) = &live.config.server.tls {
@@ -224,7 +212,12 @@ fn audit_verify(paths: Vec<PathBuf>, config_path: PathBuf) -> anyhow::Result<()>
 }
 
 async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
+    // Reloads read the same file even if something changes the working directory.
+    let path = std::path::absolute(&path).unwrap_or(path);
     let live = load_live(&path)?;
+    // Before the listening line: from then on a SIGHUP must reload, never kill.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot listen for SIGHUP")?;
     let metrics = Arc::new(tokenwarden::metrics::Metrics::new()?);
     let timezone = live.config.budgets.timezone.clone();
     let tz = jiff::tz::TimeZone::get(&timezone)?;
@@ -271,12 +264,16 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
         listeners.admin.local_addr()?
     ));
     let redis = redis_ledger(&live.config, &tz)?;
-    let state = Arc::new(AppState::new(live, metrics, audit, ledger, redis));
-    let stopped = state
-        .runs
-        .replay_audit(&state.live.load().config.storage.dir.join("audit"))?;
+    let state = Arc::new(AppState::new(live, metrics, audit, ledger, redis).with_config_path(path));
+    let audit_dir = state.live.load().config.storage.dir.join("audit");
+    let stopped = state.runs.replay_audit(&audit_dir)?;
     tracing::info!(stopped, "stopped runs restored from the audit log");
-    server::run(state.clone(), listeners, shutdown_signal()).await?;
+    let (pause_all, paused) = state.switches.replay_audit(&audit_dir)?;
+    tracing::info!(pause_all, paused, "pauses restored from the audit log");
+    tokio::select! {
+        served = server::run(state.clone(), listeners, shutdown_signal()) => served?,
+        never = reload_on_hangup(&state, hangup) => match never {},
+    }
     if let Some(redis) = &state.redis {
         redis.close(std::time::Duration::from_secs(5)).await;
     }
@@ -307,6 +304,22 @@ fn redis_ledger(
     };
     let calendar = Calendar::new(tz.clone(), Arc::new(SystemClock));
     Ok(Some(RedisLedger::connect(&settings, calendar)?))
+}
+
+/// Reloads the config on every SIGHUP, for as long as the server runs. A config that
+/// does not load is logged at error level (and audited); the running one stays.
+async fn reload_on_hangup(
+    state: &AppState,
+    mut hangup: tokio::signal::unix::Signal,
+) -> std::convert::Infallible {
+    loop {
+        if hangup.recv().await.is_none() {
+            // The signal stream is gone: nothing more to reload on, the server goes on.
+            return std::future::pending().await;
+        }
+        // The outcome is logged and audited by `reload`.
+        let _ = tokenwarden::admin::reload::reload(state, &Caller::sighup()).await;
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

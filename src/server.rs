@@ -116,11 +116,11 @@ pub async fn run(
         },
     );
     let admin_state = state.clone();
-    let admin_loop = accept_loop(listeners.admin, stop_rx, None, |stream, _peer, permit| {
+    let admin_loop = accept_loop(listeners.admin, stop_rx, None, |stream, peer, permit| {
         let state = admin_state.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(crate::admin::handle(&state, req).await) }
+            async move { Ok::<_, Infallible>(crate::admin::handle(&state, req, peer).await) }
         });
         let watcher = graceful.watcher();
         tokio::spawn(serve_connection(

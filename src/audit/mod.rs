@@ -55,7 +55,8 @@ pub struct Record {
     pub method: String,
     pub path: String,
     pub status: u16,
-    /// `ok`, `provider_error`, `upstream_error`, `timeout`, `client_gone`, `rejected`.
+    /// `ok`, `provider_error`, `upstream_error`, `timeout`, `client_gone`, `rejected`;
+    /// run lines: `stopped`, `warning`, `resumed`; admin lines: `ok`, `rejected`, `failed`.
     pub outcome: &'static str,
     /// Why, in a stable word: the stream's end or the rejection's reason.
     pub reason: String,
@@ -74,6 +75,9 @@ pub struct Record {
     /// What happened, in words (run and admin lines).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Who did it (admin lines): the name of the admin token, or `SIGHUP`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_body: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

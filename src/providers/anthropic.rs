@@ -16,7 +16,7 @@ pub fn error_body(class: ErrorClass, message: &str) -> Bytes {
         ErrorClass::UpstreamUnreachable => "api_error",
         ErrorClass::UpstreamTimeout => "timeout_error",
         ErrorClass::BudgetExhausted => "billing_error",
-        ErrorClass::PermissionDenied => "permission_error",
+        ErrorClass::PermissionDenied | ErrorClass::Paused => "permission_error",
         ErrorClass::RateLimited => "rate_limit_error",
         ErrorClass::Internal => "api_error",
     };

@@ -33,8 +33,10 @@ pub enum ErrorClass {
     UpstreamTimeout,
     /// A budget is spent (402; SDKs must not retry).
     BudgetExhausted,
-    /// Policy forbids it: a model not on the allow-list (403).
+    /// Policy forbids it: a model not on the allow-list, a stopped run (403).
     PermissionDenied,
+    /// An admin paused the agent, or every agent (403; SDKs must not retry).
+    Paused,
     /// Too many requests or tokens this minute, or too many at once (429).
     RateLimited,
     /// A fault of the proxy itself (500).
@@ -52,7 +54,7 @@ impl ErrorClass {
             ErrorClass::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ErrorClass::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorClass::BudgetExhausted => StatusCode::PAYMENT_REQUIRED,
-            ErrorClass::PermissionDenied => StatusCode::FORBIDDEN,
+            ErrorClass::PermissionDenied | ErrorClass::Paused => StatusCode::FORBIDDEN,
             ErrorClass::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -18,6 +18,7 @@ pub fn error_body(class: ErrorClass, reason: &str, message: &str) -> Bytes {
         ErrorClass::BudgetExhausted => ("insufficient_quota", "budget_exceeded"),
         // Several refusals share the status: the code says which.
         ErrorClass::PermissionDenied => ("invalid_request_error", reason),
+        ErrorClass::Paused => ("invalid_request_error", "agent_paused"),
         ErrorClass::RateLimited => ("rate_limit_exceeded", "rate_limit_exceeded"),
         ErrorClass::Internal => ("server_error", "internal_error"),
     };

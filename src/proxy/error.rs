@@ -78,9 +78,10 @@ impl ProxyError {
             }
             ProxyError::FirstByteTimeout { .. } => ErrorClass::UpstreamTimeout,
             ProxyError::BudgetExhausted(_) => ErrorClass::BudgetExhausted,
-            ProxyError::ModelNotAllowed(_)
-            | ProxyError::RunStopped(_)
-            | ProxyError::Paused { .. } => ErrorClass::PermissionDenied,
+            ProxyError::ModelNotAllowed(_) | ProxyError::RunStopped(_) => {
+                ErrorClass::PermissionDenied
+            }
+            ProxyError::Paused { .. } => ErrorClass::Paused,
             ProxyError::OutputLimitRequired(_) => ErrorClass::InvalidRequest,
             ProxyError::RateLimited { .. } => ErrorClass::RateLimited,
             ProxyError::Internal => ErrorClass::Internal,
@@ -150,7 +151,7 @@ pub fn error_response<B>(
     }
     if matches!(
         class,
-        ErrorClass::BudgetExhausted | ErrorClass::PermissionDenied
+        ErrorClass::BudgetExhausted | ErrorClass::PermissionDenied | ErrorClass::Paused
     ) {
         // Retrying cannot help until a budget resets or an admin acts.
         headers.insert("x-should-retry", HeaderValue::from_static("false"));

@@ -26,6 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
+use crate::admin::auth::AdminTokens;
 use crate::audit::AuditLog;
 use crate::config::{Config, UpstreamConfig};
 use crate::guard::runs::{self, Runs, Verdict};
@@ -62,6 +63,8 @@ pub struct Live {
     pub identities: Identities,
     pub pricing: Pricing,
     pub policies: Policies,
+    /// Who may use the admin API.
+    pub admin_tokens: AdminTokens,
 }
 
 impl Live {
@@ -79,6 +82,7 @@ impl Live {
             identities: Identities::from_config(&config.agents),
             pricing: Pricing::new([&config.base_pricing, &config.pricing]),
             policies: Policies::from_config(&config),
+            admin_tokens: AdminTokens::from_config(&config.admin, &lookup_env),
             config,
         })
     }
@@ -105,6 +109,11 @@ pub struct AppState {
     pub settler: settle::Settler,
     /// Set when shutdown begins; `/readyz` then answers 503.
     pub draining: AtomicBool,
+    /// The config file the proxy started with, which a reload reads again.
+    pub config_path: Option<std::path::PathBuf>,
+    /// One reload at a time (SIGHUP and `POST /admin/reload` may meet), so each compares
+    /// against the config it replaces.
+    pub reloading: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -128,7 +137,15 @@ impl AppState {
             redis,
             settler: settle::Settler::start(),
             draining: AtomicBool::new(false),
+            config_path: None,
+            reloading: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Names the config file that reloads read.
+    pub fn with_config_path(mut self, path: std::path::PathBuf) -> AppState {
+        self.config_path = Some(path);
+        self
     }
 
     pub fn is_draining(&self) -> bool {

@@ -372,6 +372,7 @@ impl Settlement {
             fingerprint: (!request.is_empty()).then(|| hex::encode(Sha256::digest(&request))),
             client: client_addr.to_string(),
             detail: None,
+            by: None,
             request_body: include_bodies.then(|| String::from_utf8_lossy(&request).into_owned()),
             response_body,
         });
@@ -407,10 +408,12 @@ impl Settlement {
 pub enum RunEvent {
     Stopped,
     Warning,
+    /// An admin resumed the run; `Runs::replay_audit` forgets its stop from here on.
+    Resumed,
 }
 
-/// Writes a run's stop or warning: an audit line and a metric; a stop is also shared
-/// with the other replicas through Redis, when there is one.
+/// Writes a run's stop, warning or resume: an audit line, and a metric for the first two;
+/// a stop is also shared with the other replicas through Redis, when there is one.
 pub fn run_event(
     audit: &AuditLog,
     metrics: &Metrics,
@@ -446,6 +449,14 @@ pub fn run_event(
                 .with_label_values(&[&agent.id, condition])
                 .inc();
             "warning"
+        }
+        RunEvent::Resumed => {
+            if let Some(redis) = redis {
+                let tag = agent.team.as_deref().unwrap_or(&agent.id);
+                redis.share_run(tag, &agent.id, run, None);
+            }
+            tracing::info!(agent = agent.id, run, "run resumed: {}", crossed.message);
+            "resumed"
         }
     };
     audit.append(Record {
