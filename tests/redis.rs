@@ -313,3 +313,69 @@ async fn a_run_stopped_on_one_replica_is_stopped_on_every_replica() {
     assert_eq!(send(1, "other").await.0, 200);
     assert_eq!(send(0, "other").await.0, 200);
 }
+
+#[tokio::test]
+async fn a_pause_on_one_replica_holds_on_every_replica() {
+    let redis = Redis::start();
+    let mock = Mock::start();
+    let config = shared_config(&mock, &redis, "", "").replace(
+        "[admin]\n",
+        "[admin]\ntoken_env = \"TW_TEST_ADMIN_TOKEN\"\n",
+    );
+    let env = [
+        ("TW_TEST_OPENAI_KEY", OPENAI_KEY),
+        ("TW_TEST_ANTHROPIC_KEY", ANTHROPIC_KEY),
+        ("TW_TEST_ADMIN_TOKEN", "admin-secret"),
+    ];
+    let replicas = [
+        Proxy::start_with_env(&config, &env),
+        Proxy::start_with_env(&config, &env),
+    ];
+    let admin = |replica: usize, path: &str| {
+        let url = replicas[replica].admin_url(path);
+        async move {
+            send(request(
+                "POST",
+                &url,
+                &[("authorization", "Bearer admin-secret")],
+                Bytes::new(),
+            ))
+            .await
+            .0
+        }
+    };
+    // Polls replica 1 until agent-a gets `want`.
+    let until = |want: u16| {
+        let replica = &replicas[1];
+        async move {
+            let mut last = 0;
+            for _ in 0..100 {
+                last = send_chat(replica, KEY_A, CHAT).await.0;
+                if last == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("replica 1 answered {last}, not {want}");
+        }
+    };
+    assert_eq!(admin(0, "/admin/agents/agent-a/pause").await, 200);
+    until(403).await;
+    assert_eq!(
+        send_chat(&replicas[1], KEY_B, CHAT).await.0,
+        200,
+        "only agent-a"
+    );
+    assert_eq!(admin(0, "/admin/agents/agent-a/resume").await, 200);
+    until(200).await;
+
+    assert_eq!(admin(0, "/admin/pause-all").await, 200);
+    until(403).await;
+    assert_eq!(
+        send_chat(&replicas[1], KEY_B, CHAT).await.0,
+        403,
+        "every agent"
+    );
+    assert_eq!(admin(0, "/admin/resume-all").await, 200);
+    until(200).await;
+}
