@@ -43,6 +43,8 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub runs: RunsConfig,
+    #[serde(default)]
+    pub anomalies: AnomaliesConfig,
     /// Price overrides, `[pricing."MODEL"]`, laid over the base table.
     #[serde(default)]
     pub pricing: BTreeMap<String, PriceConfig>,
@@ -288,6 +290,34 @@ pub struct AgentConfig {
     pub runs: Option<RunLimitsConfig>,
 }
 
+/// Spikes of an agent's tokens against its own baseline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnomaliesConfig {
+    pub enabled: bool,
+    /// Tokens are summed per window of this length.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// A window past this many times the agent's baseline is a spike.
+    pub factor: f64,
+    /// No window under this many tokens is a spike.
+    pub min_tokens: u64,
+    /// Pause the agent on a spike (an admin resumes it).
+    pub pause: bool,
+}
+
+impl Default for AnomaliesConfig {
+    fn default() -> Self {
+        AnomaliesConfig {
+            enabled: true,
+            window: Duration::from_secs(60),
+            factor: 5.0,
+            min_tokens: 10_000,
+            pause: false,
+        }
+    }
+}
+
 /// How runs are named, for every agent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -478,6 +508,12 @@ impl Config {
                 "audit.commit_interval".into(),
                 "at most 1s (records wait this long for the disk)",
             );
+        }
+        if self.anomalies.window.is_zero() {
+            bad("anomalies.window".into(), "must be greater than 0");
+        }
+        if !self.anomalies.factor.is_finite() || self.anomalies.factor <= 1.0 {
+            bad("anomalies.factor".into(), "must be a number greater than 1");
         }
         for (i, name) in self.runs.headers.iter().enumerate() {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {

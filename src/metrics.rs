@@ -34,6 +34,7 @@ pub struct Metrics {
     pub runs_stopped: IntCounterVec,
     pub run_warnings: IntCounterVec,
     pub paused_agents: IntGauge,
+    pub anomalies: IntCounterVec,
     models: Mutex<HashSet<String>>,
 }
 
@@ -148,6 +149,14 @@ impl Metrics {
             "tokenwarden_paused_agents",
             "Agents an admin paused (every agent while pause-all is on)",
         )?;
+        let anomalies = IntCounterVec::new(
+            Opts::new(
+                "tokenwarden_anomalies_total",
+                "Spikes of an agent's tokens against its own baseline",
+            ),
+            &["agent"],
+        )?;
+        registry.register(Box::new(anomalies.clone()))?;
         registry.register(Box::new(runs_active.clone()))?;
         registry.register(Box::new(runs_stopped.clone()))?;
         registry.register(Box::new(run_warnings.clone()))?;
@@ -186,6 +195,7 @@ impl Metrics {
             runs_stopped,
             run_warnings,
             paused_agents,
+            anomalies,
             models: Mutex::new(HashSet::new()),
         })
     }

@@ -3,6 +3,7 @@
 //! they are reserved and settled like a budget (see `ledger`), so a stream's real size
 //! counts, not a guess.
 
+pub mod anomaly;
 pub mod runs;
 
 use std::collections::HashMap;

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use crate::admin::auth::AdminTokens;
 use crate::audit::AuditLog;
 use crate::config::{Config, UpstreamConfig};
+use crate::guard::anomaly::{Anomalies, AnomalySettings};
 use crate::guard::runs::{self, Runs, Verdict};
 use crate::guard::{Guards, Switches};
 use crate::identity::{Agent, Identities};
@@ -101,7 +102,9 @@ pub struct AppState {
     /// Runs and their stops outlive reloads too.
     pub runs: Arc<Runs>,
     /// The kill switches.
-    pub switches: Switches,
+    pub switches: Arc<Switches>,
+    /// Each agent's baseline of tokens, for spikes.
+    pub anomalies: Arc<Anomalies>,
     /// Budgets, rate limits and requests in flight shared with other replicas, when
     /// `storage.redis_url` is set; the ledger and guards above are then unused.
     pub redis: Option<Arc<RedisLedger>>,
@@ -133,7 +136,8 @@ impl AppState {
             ledger,
             guards: Guards::default(),
             runs: Arc::new(Runs::default()),
-            switches: Switches::default(),
+            switches: Arc::new(Switches::default()),
+            anomalies: Arc::new(Anomalies::default()),
             redis,
             settler: settle::Settler::start(),
             draining: AtomicBool::new(false),
@@ -545,6 +549,16 @@ async fn forward(
         brake,
         ticket: Some(ticket),
         redis: state.redis.clone(),
+        watch: live.config.anomalies.enabled.then(|| settle::Watch {
+            anomalies: state.anomalies.clone(),
+            switches: state.switches.clone(),
+            settings: AnomalySettings {
+                window: live.config.anomalies.window,
+                factor: live.config.anomalies.factor,
+                min_tokens: live.config.anomalies.min_tokens,
+            },
+            pause: live.config.anomalies.pause,
+        }),
     };
     state.metrics.active_streams.inc();
     let limits = StreamLimits {

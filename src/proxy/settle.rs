@@ -17,8 +17,9 @@ use tokio::time::Instant;
 use super::tap::{Flow, Observer, StreamEnd};
 use super::{AppState, Rejected, RequestMeta};
 use crate::audit::{now_rfc3339, AuditLog, Record};
+use crate::guard::anomaly::{Anomalies, AnomalySettings};
 use crate::guard::runs::{Allowance, Condition, Crossed, Ending, Ticket};
-use crate::guard::Slot;
+use crate::guard::{Slot, Switches};
 use crate::identity::Agent;
 use crate::ledger::redis::RedisLedger;
 use crate::ledger::{usd_to_nanos, Amount, Hold};
@@ -61,6 +62,66 @@ pub struct Settlement {
     pub brake: Option<Brake>,
     /// Where stops are shared with other replicas.
     pub redis: Option<Arc<RedisLedger>>,
+    /// Spikes against the agent's baseline, when watched.
+    pub watch: Option<Watch>,
+}
+
+/// What a settlement needs to report (and, if configured, stop) a spike.
+pub struct Watch {
+    pub anomalies: Arc<Anomalies>,
+    pub switches: Arc<Switches>,
+    pub settings: AnomalySettings,
+    /// Pause the agent on a spike.
+    pub pause: bool,
+}
+
+impl Watch {
+    fn observe(
+        &self,
+        audit: &AuditLog,
+        metrics: &Metrics,
+        redis: Option<&Arc<RedisLedger>>,
+        agent: &Agent,
+        tokens: u64,
+    ) {
+        let Some(spike) = self.anomalies.observe(&self.settings, &agent.id, tokens) else {
+            return;
+        };
+        metrics.anomalies.with_label_values(&[&agent.id]).inc();
+        tracing::warn!(agent = agent.id, "token spike: {spike}");
+        let window = humantime::format_duration(self.settings.window);
+        audit.append(Record {
+            ts: now_rfc3339(),
+            kind: "anomaly",
+            agent: Some(agent.id.clone()),
+            team: agent.team.clone(),
+            outcome: if self.pause { "paused" } else { "reported" },
+            reason: "tokens_per_window".to_owned(),
+            detail: Some(format!(
+                "{spike} (window {window}, factor {})",
+                self.settings.factor
+            )),
+            ..Record::default()
+        });
+        if self.pause && self.switches.set_agent(&agent.id, true) {
+            if let Some(redis) = redis {
+                let tag = agent.team.as_deref().unwrap_or(&agent.id);
+                redis.share_pause(&[tag.to_owned()], &agent.id, true);
+            }
+            // The line a restart replays the pause from, as for an admin's.
+            audit.append(Record {
+                ts: now_rfc3339(),
+                kind: "admin",
+                agent: Some(agent.id.clone()),
+                team: agent.team.clone(),
+                outcome: "ok",
+                reason: "pause".to_owned(),
+                by: Some("anomaly".to_owned()),
+                detail: Some(format!("paused on a token spike: {spike}")),
+                ..Record::default()
+            });
+        }
+    }
 }
 
 /// Cuts a stream whose run crosses a stop condition on the way, with an error event in
@@ -272,6 +333,7 @@ impl Settlement {
             ticket,
             brake,
             redis,
+            watch,
             ..
         } = self;
         let dropped = observer.dropped_events();
@@ -286,6 +348,9 @@ impl Settlement {
         }
         let outcome = outcome(end, status);
         let run = ticket.as_ref().map(|t| t.run.to_string());
+        if let Some(watch) = &watch {
+            watch.observe(&audit, &metrics, redis.as_ref(), &agent, usage.total());
+        }
         if let Some(ticket) = ticket {
             let ending = match (brake.and_then(|b| b.cut), end) {
                 (Some(condition), _) => Ending::Cut(condition),
