@@ -34,6 +34,8 @@ pub struct Metrics {
     pub runs_stopped: IntCounterVec,
     pub run_warnings: IntCounterVec,
     pub paused_agents: IntGauge,
+    /// Outcomes agents reported; kinds are bounded per agent (`outcomes.max_kinds_per_agent`).
+    pub outcomes: IntCounterVec,
     models: Mutex<HashSet<String>>,
 }
 
@@ -148,6 +150,14 @@ impl Metrics {
             "tokenwarden_paused_agents",
             "Agents an admin paused (every agent while pause-all is on)",
         )?;
+        let outcomes = IntCounterVec::new(
+            Opts::new(
+                "tokenwarden_outcomes_total",
+                "Outcomes agents reported (tickets resolved, PRs merged, ...), by kind",
+            ),
+            &["agent", "kind"],
+        )?;
+        registry.register(Box::new(outcomes.clone()))?;
         registry.register(Box::new(runs_active.clone()))?;
         registry.register(Box::new(runs_stopped.clone()))?;
         registry.register(Box::new(run_warnings.clone()))?;
@@ -186,6 +196,7 @@ impl Metrics {
             runs_stopped,
             run_warnings,
             paused_agents,
+            outcomes,
             models: Mutex::new(HashSet::new()),
         })
     }

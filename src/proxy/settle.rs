@@ -372,6 +372,9 @@ impl Settlement {
             fingerprint: (!request.is_empty()).then(|| hex::encode(Sha256::digest(&request))),
             client: client_addr.to_string(),
             detail: None,
+            outcome_kind: None,
+            count: None,
+            reference: None,
             request_body: include_bodies.then(|| String::from_utf8_lossy(&request).into_owned()),
             response_body,
         });
