@@ -2,6 +2,7 @@
 //! fetched) to open in a browser or attach to a mail. Charts first, tables after: spend
 //! over time by agent, cost per outcome by agent and kind, redundant share per agent.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use super::{Figures, Report};
@@ -11,6 +12,9 @@ const PALETTE: [&str; 7] = [
     "#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#999999",
 ];
 const CHART_WIDTH: f64 = 860.0;
+/// Bars in one chart; the tables hold the rest.
+const MAX_BARS: usize = 40;
+const REDUNDANT: &str = "#d55e00";
 
 pub fn render(report: &Report) -> String {
     let mut out = String::with_capacity(32 * 1024);
@@ -128,7 +132,18 @@ fn spend_chart(out: &mut String, report: &Report) {
     for (i, point) in spend.points.iter().enumerate() {
         let x = left + i as f64 * slot + (slot - bar_w) / 2.0;
         let mut y = height;
-        for (agent, cost) in &point.by_agent {
+        // The coloured agents bottom up, in legend order, then everyone else as one.
+        let other: f64 = point
+            .by_agent
+            .iter()
+            .filter(|(agent, _)| !series.contains(&agent.as_str()))
+            .map(|(_, cost)| cost)
+            .sum();
+        let stack = series
+            .iter()
+            .filter_map(|agent| point.by_agent.get(*agent).map(|c| (*agent, *c)))
+            .chain((other > 0.0).then_some(("other", other)));
+        for (agent, cost) in stack {
             let h = cost / max * (height - 10.0);
             y -= h;
             let _ = writeln!(
@@ -137,7 +152,7 @@ fn spend_chart(out: &mut String, report: &Report) {
                 colour(&series, agent),
                 esc(&point.start),
                 esc(agent),
-                money(*cost)
+                money(cost)
             );
         }
     }
@@ -204,32 +219,61 @@ fn bars(out: &mut String, label: &str, rows: &[(String, f64, String, &'static st
     out.push_str("</svg>\n");
 }
 
+/// Bars of cost per outcome, coloured by kind: the costliest first within each kind.
 fn cost_per_outcome_chart(out: &mut String, report: &Report) {
     out.push_str("<h2>Cost per outcome (USD)</h2>\n");
-    let series = series(report);
-    let rows: Vec<(String, f64, String, &'static str)> = report
+    let kinds: BTreeSet<&str> = report
         .agents
-        .iter()
-        .flat_map(|(agent, f)| {
-            let fill = colour(&series, agent);
-            f.cost_per_outcome_usd.iter().map(move |(kind, cost)| {
-                (
-                    format!("{agent} · {kind}"),
-                    *cost,
-                    format!("${}", money(*cost)),
-                    fill,
-                )
-            })
-        })
+        .values()
+        .flat_map(|f| f.cost_per_outcome_usd.keys().map(String::as_str))
         .collect();
+    let kind_colour = |kind: &str| {
+        let i = kinds.iter().position(|k| *k == kind).unwrap_or(0);
+        PALETTE[i % (PALETTE.len() - 1)]
+    };
+    let mut rows: Vec<(String, f64, String, &'static str)> = Vec::new();
+    for kind in &kinds {
+        let mut of_kind: Vec<(&String, f64)> = report
+            .agents
+            .iter()
+            .filter_map(|(agent, f)| f.cost_per_outcome_usd.get(*kind).map(|c| (agent, *c)))
+            .collect();
+        of_kind.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
+        rows.extend(of_kind.into_iter().map(|(agent, cost)| {
+            (
+                format!("{agent} · {kind}"),
+                cost,
+                format!("${}", money(cost)),
+                kind_colour(kind),
+            )
+        }));
+    }
     if rows.is_empty() {
         out.push_str(
             "<p>No outcomes reported in this period (<code>POST /v1/outcomes</code>).</p>\n",
         );
         return;
     }
+    let shown = rows.len().min(MAX_BARS);
     let max = rows.iter().map(|r| r.1).fold(0.0, f64::max);
-    bars(out, "cost per outcome", &rows, max);
+    bars(out, "cost per outcome", &rows[..shown], max);
+    out.push_str("<p class=\"legend\">");
+    for kind in &kinds {
+        let _ = write!(
+            out,
+            "<span><i class=\"swatch\" style=\"background:{}\"></i>{}</span>",
+            kind_colour(kind),
+            esc(kind)
+        );
+    }
+    out.push_str("</p>\n");
+    if rows.len() > shown {
+        let _ = writeln!(
+            out,
+            "<p>{} more in the tables below.</p>",
+            rows.len() - shown
+        );
+    }
 }
 
 fn redundancy_chart(out: &mut String, report: &Report) {
@@ -238,8 +282,7 @@ fn redundancy_chart(out: &mut String, report: &Report) {
         "<h2>Redundant requests (same body within {})</h2>",
         esc(&report.redundancy_window)
     );
-    let series = series(report);
-    let rows: Vec<(String, f64, String, &'static str)> = report
+    let mut rows: Vec<(String, f64, String, &'static str)> = report
         .agents
         .iter()
         .filter(|(_, f)| f.requests > 0)
@@ -252,7 +295,7 @@ fn redundancy_chart(out: &mut String, report: &Report) {
                     f.redundant_share * 100.0,
                     money(f.redundant_cost_usd)
                 ),
-                colour(&series, agent),
+                REDUNDANT,
             )
         })
         .collect();
@@ -260,6 +303,8 @@ fn redundancy_chart(out: &mut String, report: &Report) {
         out.push_str("<p>No requests in this period.</p>\n");
         return;
     }
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    rows.truncate(MAX_BARS);
     bars(out, "redundant share", &rows, 1.0);
 }
 
