@@ -102,7 +102,8 @@ struct Links<'a> {
 pub struct Chain {
     /// The HMAC state after the key, cloned per line (cheaper than keying it again).
     mac: Option<Hmac<Sha256>>,
-    prev: Option<(u64, [u8; 32])>,
+    /// The last linked line: its seq and its hash as written (hex).
+    prev: Option<(u64, [u8; 64])>,
 }
 
 impl Chain {
@@ -124,12 +125,20 @@ impl Chain {
         prev_hash: &str,
         hash: &str,
     ) -> Result<(), String> {
-        let mut want = [0u8; 32];
+        self.check_hash(line, seq, hash)?;
+        self.link(seq, prev_hash, hash)
+    }
+
+    /// The half of [`Chain::check`] that needs no other line: the hash is the last field
+    /// and matches the line's bytes. Takes `&self`, so lines can be hashed in parallel
+    /// and then linked in order.
+    pub fn check_hash(&self, line: &[u8], seq: u64, hash: &str) -> Result<(), String> {
         let suffix_ok = line.len() >= HASH_SUFFIX_LEN
+            && hash.len() == 64
             && line.ends_with(b"\"}")
             && line[line.len() - HASH_SUFFIX_LEN..].starts_with(b",\"hash\":\"")
             && &line[line.len() - 66..line.len() - 2] == hash.as_bytes();
-        if !suffix_ok || hex::decode_to_slice(hash, &mut want).is_err() {
+        if !suffix_ok {
             return Err("the hash is not the last field".into());
         }
         let covered = &line[..line.len() - HASH_SUFFIX_LEN];
@@ -147,18 +156,23 @@ impl Chain {
                 sha.finalize().into()
             }
         };
-        if got != want {
+        // The writer writes lower-case hex: compare as text, no decoding.
+        if lower_hex(&got) != hash.as_bytes() {
             return Err(format!("seq {seq}: the line was altered (hash mismatch)"));
         }
-        let mut prev_bytes = [0u8; 32];
-        let prev_parsed = hex::decode_to_slice(prev_hash, &mut prev_bytes).is_ok();
-        let result = match self.prev {
+        Ok(())
+    }
+
+    /// The other half: the line follows the one linked before (its `seq` is one more and
+    /// its `prev_hash` is that line's hash).
+    pub fn link(&mut self, seq: u64, prev_hash: &str, hash: &str) -> Result<(), String> {
+        let result = match &self.prev {
             Some((prev_seq, prev_want)) => {
                 if seq != prev_seq + 1 {
                     Err(format!(
                         "seq {seq} follows seq {prev_seq}: a line is missing or out of order"
                     ))
-                } else if !prev_parsed || prev_bytes != prev_want {
+                } else if prev_hash.as_bytes() != &prev_want[..] {
                     Err(format!(
                         "seq {seq}: prev_hash does not match the line before"
                     ))
@@ -172,7 +186,7 @@ impl Chain {
             None => Ok(()),
         };
         if result.is_ok() {
-            self.prev = Some((seq, want));
+            self.resume_after(seq, hash);
         }
         result
     }
@@ -186,9 +200,19 @@ impl Chain {
     /// Goes on after a line whose link was broken but whose own hash is sound: the next
     /// line must follow it.
     pub fn resume_after(&mut self, seq: u64, hash: &str) {
-        let mut h = [0u8; 32];
-        self.prev = hex::decode_to_slice(hash, &mut h).ok().map(|()| (seq, h));
+        self.prev = <[u8; 64]>::try_from(hash.as_bytes()).ok().map(|h| (seq, h));
     }
+}
+
+/// A digest as lower-case hex.
+fn lower_hex(digest: &[u8; 32]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, b) in digest.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    }
+    out
 }
 
 fn broken(file: &Path, line: usize, reason: String) -> Broken {

@@ -199,3 +199,21 @@ fn an_edited_line_and_a_malformed_one_are_reported_not_fatal() {
     assert_eq!(report.agents["a"].requests, 5, "figures still counted");
     assert_eq!(report.agents["a"].input_tokens, 139);
 }
+
+#[test]
+fn a_torn_last_line_is_a_write_in_progress_not_a_break() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        vec![request("2026-11-29T09:00:00.000Z", "a", "1", 10, 0.1)],
+    );
+    let file = crate::audit::log_files(dir.path()).unwrap().remove(0);
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("{\"seq\":2,\"ts\":\"2026-11-29T09:0");
+    std::fs::write(&file, text).unwrap();
+    let report = build(dir.path(), None, &options(None)).unwrap();
+    assert!(report.chain.ok, "{:?}", report.chain);
+    assert_eq!(report.lines.malformed, 1);
+    assert!(report.lines.malformed_at[0].contains(":2: torn"));
+    assert_eq!(report.agents["a"].requests, 1);
+}
