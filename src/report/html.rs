@@ -159,6 +159,10 @@ fn spend_chart(out: &mut String, report: &Report) {
     let label_every = (spend.points.len() / 6).max(1);
     for (i, point) in spend.points.iter().enumerate().step_by(label_every) {
         let x = left + i as f64 * slot + slot / 2.0;
+        if x > CHART_WIDTH - 40.0 {
+            // A label this close to the edge would be cut off.
+            continue;
+        }
         let label = if spend.bucket == "day" {
             point.start.get(..10)
         } else {
