@@ -97,6 +97,9 @@ pub fn scan(
     key: Option<&[u8]>,
     mut each: impl FnMut(&Line<'_>),
 ) -> Result<Findings, ReportError> {
+    // Two views of one chain: `checker` hashes lines on the workers, `chain` links them
+    // in order on this thread.
+    let checker = Chain::new(key);
     let mut chain = Chain::new(key);
     let mut findings = Findings::default();
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS));
@@ -113,73 +116,72 @@ pub fn scan(
             .collect();
         // A file that does not end in a newline ends in a line cut short.
         let torn = (!bytes.is_empty() && !bytes.ends_with(b"\n"))
-            .then(|| lines.len().checked_sub(1))
+            .then(|| lines.last().map(|(number, _)| *number))
             .flatten();
-        let chain_ref = &chain;
-        let share = lines.len().div_ceil(workers).max(1);
-        let parsed: Vec<Parsed<'_>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = lines
+        let share = lines.len().div_ceil(workers * CHUNKS_PER_WORKER).max(1);
+        std::thread::scope(|scope| {
+            let checker = &checker;
+            let parts: Vec<_> = lines
                 .chunks(share)
                 .map(|part| {
                     let worker = scope.spawn(move || {
                         part.iter()
-                            .map(|(_, l)| parse(chain_ref, l))
+                            .map(|(_, l)| parse(checker, l))
                             .collect::<Vec<_>>()
                     });
-                    (worker, part.len())
+                    (worker, part)
                 })
                 .collect();
-            handles
-                .into_iter()
-                .flat_map(|(worker, len)| {
-                    // Keep one entry per line whatever happens, so lines and results
-                    // stay paired.
-                    worker.join().unwrap_or_else(|_| {
-                        (0..len)
-                            .map(|_| Parsed::Malformed("the parser failed".into()))
-                            .collect()
-                    })
-                })
-                .collect()
-        });
-        for (i, ((number, _), parsed)) in lines.iter().zip(parsed).enumerate() {
-            let number = *number;
-            if torn == Some(i) {
-                // A write in progress (the proxy is running) or a crash (cut off at the
-                // next start): not an alteration, unless a later file follows it.
-                let why = "torn last line (no newline)";
-                findings.malformed(file, number, why);
-                if f + 1 < files.len() {
-                    findings.chain_error(file, number, why);
-                }
-                continue;
-            }
-            match parsed {
-                Parsed::Malformed(why) => {
-                    let why = format!("not an audit record: {why}");
-                    findings.malformed(file, number, &why);
-                    findings.chain_error(file, number, &why);
-                    chain.restart();
-                }
-                Parsed::Record(line, hashed) => {
-                    findings.records += 1;
-                    let linked =
-                        hashed.and_then(|()| chain.link(line.seq, &line.prev_hash, &line.hash));
-                    if let Err(why) = linked {
-                        findings.chain_error(file, number, &why);
-                        // Go on from this line, so one edited line is one break, not two.
-                        chain.resume_after(line.seq, &line.hash);
+            // In order, as each share is ready: the first shares are summed while the
+            // last are still being parsed.
+            for (worker, part) in parts {
+                let results = worker.join().unwrap_or_else(|_| {
+                    // One entry per line whatever happens, so lines and results pair.
+                    part.iter()
+                        .map(|_| Parsed::Malformed("the parser failed".into()))
+                        .collect()
+                });
+                for (&(number, _), parsed) in part.iter().zip(results) {
+                    if torn == Some(number) {
+                        // A write in progress (the proxy is running) or a crash (cut off
+                        // at the next start): no alteration, unless a file follows it.
+                        let why = "torn last line (no newline)";
+                        findings.malformed(file, number, why);
+                        if f + 1 < files.len() {
+                            findings.chain_error(file, number, why);
+                        }
+                        continue;
                     }
-                    each(&line);
+                    match parsed {
+                        Parsed::Malformed(why) => {
+                            let why = format!("not an audit record: {why}");
+                            findings.malformed(file, number, &why);
+                            findings.chain_error(file, number, &why);
+                            chain.restart();
+                        }
+                        Parsed::Record(line, hashed) => {
+                            findings.records += 1;
+                            let linked = hashed
+                                .and_then(|()| chain.link(line.seq, &line.prev_hash, &line.hash));
+                            if let Err(why) = linked {
+                                findings.chain_error(file, number, &why);
+                                // Go on from this line: one edited line is one break.
+                                chain.resume_after(line.seq, &line.hash);
+                            }
+                            each(&line);
+                        }
+                    }
                 }
             }
-        }
+        });
     }
     Ok(findings)
 }
 
 /// Threads that parse and hash one file's lines.
 const MAX_WORKERS: usize = 8;
+/// Shares per thread: smaller shares let the summing start sooner.
+const CHUNKS_PER_WORKER: usize = 4;
 
 /// One line, parsed and hashed (not yet linked to the one before).
 // Nearly every line is a record: boxing it would cost an allocation per line to save
