@@ -180,6 +180,7 @@ fn run_other(cli: Cli) -> anyhow::Result<()> {
             ));
             Ok(())
         }
+        // Taken by `run` before the log subscriber is set up.
         Command::Report { .. } => Ok(()),
         Command::Mock { listen, no_record } => runtime()?.block_on(async move {
             let listener = tokio::net::TcpListener::bind(&listen)
