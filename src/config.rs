@@ -45,6 +45,10 @@ pub struct Config {
     pub runs: RunsConfig,
     #[serde(default)]
     pub anomalies: AnomaliesConfig,
+    #[serde(default)]
+    pub outcomes: OutcomesConfig,
+    #[serde(default)]
+    pub insights: InsightsConfig,
     /// Price overrides, `[pricing."MODEL"]`, laid over the base table.
     #[serde(default)]
     pub pricing: BTreeMap<String, PriceConfig>,
@@ -335,6 +339,41 @@ impl Default for RunsConfig {
     }
 }
 
+/// Outcomes agents report (`POST /v1/outcomes`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutcomesConfig {
+    /// Distinct outcome kinds one agent may report; a new kind past it is refused (422).
+    /// Kinds become metric labels and report columns, so they must stay few.
+    pub max_kinds_per_agent: usize,
+}
+
+impl Default for OutcomesConfig {
+    fn default() -> Self {
+        OutcomesConfig {
+            max_kinds_per_agent: 20,
+        }
+    }
+}
+
+/// How `tokenwarden report` reads the audit log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InsightsConfig {
+    /// A request whose body's fingerprint the same agent already sent within this long
+    /// counts as redundant.
+    #[serde(with = "humantime_serde")]
+    pub redundancy_window: Duration,
+}
+
+impl Default for InsightsConfig {
+    fn default() -> Self {
+        InsightsConfig {
+            redundancy_window: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// What a run crossing a limit gets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -543,6 +582,18 @@ impl Config {
         }
         if self.storage.redis_timeout.is_zero() {
             bad("storage.redis_timeout".into(), "must be greater than 0");
+        }
+        if self.outcomes.max_kinds_per_agent == 0 {
+            bad(
+                "outcomes.max_kinds_per_agent".into(),
+                "must be greater than 0",
+            );
+        }
+        if self.insights.redundancy_window.is_zero() {
+            bad(
+                "insights.redundancy_window".into(),
+                "must be greater than 0",
+            );
         }
         if self.audit.max_file_bytes < 4096 {
             bad("audit.max_file_bytes".into(), "must be at least 4096");
@@ -877,6 +928,22 @@ key_sha256 = "{KEY_HASH}"
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.storage.snapshot_interval, Duration::from_secs(30));
         assert_eq!(c.providers[0].kind, ProviderKindConfig::Openai);
+        assert_eq!(c.outcomes.max_kinds_per_agent, 20);
+        assert_eq!(c.insights.redundancy_window, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn outcome_and_insight_settings_are_checked() {
+        let text = format!(
+            "[outcomes]\nmax_kinds_per_agent = 0\n[insights]\nredundancy_window = \"0s\"\n{}",
+            minimal()
+        );
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("outcomes.max_kinds_per_agent"), "{err}");
+        assert!(err.contains("insights.redundancy_window"), "{err}");
+        let text = format!("[insights]\nredundancy_window = \"15m\"\n{}", minimal());
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.insights.redundancy_window, Duration::from_secs(900));
     }
 
     #[test]

@@ -15,6 +15,10 @@
 //! 4. Every error is answered in the provider's own shape ([`providers::ProviderKind`]),
 //!    with the request id header.
 //!
+//! Besides provider paths, the main listener serves `POST /v1/outcomes`
+//! ([`proxy::outcomes`], recorded by [`outcomes`]). [`report`] reads the audit log back
+//! for `tokenwarden report`: cost per outcome, redundancy, stopped runs.
+//!
 //! [`config`] turns the TOML file into a validated [`config::Config`]; [`admin`] serves
 //! metrics and health on its own listener, and behind a bearer token the admin API
 //! (agents, runs, pauses, config reload); [`mock`] is a scriptable provider for tests,
@@ -31,8 +35,10 @@ pub mod ledger;
 pub mod metering;
 pub mod metrics;
 pub mod mock;
+pub mod outcomes;
 pub mod providers;
 pub mod proxy;
+pub mod report;
 pub mod secret;
 pub mod server;
 pub mod sse;

@@ -48,6 +48,24 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Insights from the audit log: spend, cost per outcome, redundant requests, stopped
+    /// runs, context growth, per agent and per team. The chain is verified as it is read;
+    /// a broken chain is reported (stderr and report, exit status 2) beside the figures.
+    Report {
+        #[arg(long, default_value = "config/tokenwarden.toml")]
+        config: PathBuf,
+        /// Only the last DURATION (humantime: 7d, 24h, 90m); default: the whole log.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Only these agents (repeat, or a comma-separated list).
+        #[arg(long, value_delimiter = ',')]
+        agent: Vec<String>,
+        /// Only these teams (repeat, or a comma-separated list).
+        #[arg(long, value_delimiter = ',')]
+        team: Vec<String>,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        format: ReportFormat,
+    },
     /// Run the scriptable mock provider (for tests, benchmarks and trying things out).
     Mock {
         #[arg(long, default_value = "127.0.0.1:8000")]
@@ -56,6 +74,14 @@ enum Command {
         #[arg(long)]
         no_record: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    Table,
+    Json,
+    Csv,
+    Html,
 }
 
 #[derive(Subcommand)]
@@ -79,10 +105,14 @@ enum KeysCommand {
     },
 }
 
+/// Exit status of a report printed from an audit log whose chain is broken.
+const EXIT_CHAIN_BROKEN: u8 = 2;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(Done::Ok) => std::process::ExitCode::SUCCESS,
+        Ok(Done::ChainBroken) => std::process::ExitCode::from(EXIT_CHAIN_BROKEN),
         Err(e) => {
             // Plain words for the operator; no backtrace noise.
             #[allow(clippy::print_stderr)]
@@ -94,7 +124,29 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// How a command that did its work ended.
+enum Done {
+    Ok,
+    /// The report was printed, but the audit chain it read is broken.
+    ChainBroken,
+}
+
+fn run(cli: Cli) -> anyhow::Result<Done> {
+    if let Command::Report {
+        config,
+        since,
+        agent,
+        team,
+        format,
+    } = cli.command
+    {
+        // No log subscriber: the report is all a person (or script) asked for.
+        return report(config, since, agent, team, format);
+    }
+    run_other(cli).map(|()| Done::Ok)
+}
+
+fn run_other(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -130,6 +182,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ));
             Ok(())
         }
+        // Taken by `run` before the log subscriber is set up.
+        Command::Report { .. } => Ok(()),
         Command::Mock { listen, no_record } => runtime()?.block_on(async move {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
@@ -211,6 +265,63 @@ fn audit_verify(paths: Vec<PathBuf>, config_path: PathBuf) -> anyhow::Result<()>
     }
 }
 
+fn report(
+    config_path: PathBuf,
+    since: Option<std::time::Duration>,
+    agents: Vec<String>,
+    teams: Vec<String>,
+    format: ReportFormat,
+) -> anyhow::Result<Done> {
+    use tokenwarden::report;
+    let config = Config::load(&config_path)?;
+    let key = audit_key(&config)?;
+    let dir = config.storage.dir.join("audit");
+    let options = report::Options {
+        since,
+        now: std::time::SystemTime::now(),
+        agents: agents.into_iter().filter(|a| !a.is_empty()).collect(),
+        teams: teams.into_iter().filter(|t| !t.is_empty()).collect(),
+        redundancy_window: config.insights.redundancy_window,
+    };
+    let report = report::build(&dir, key.as_ref().map(|k| k.expose().as_slice()), &options)?;
+    let text = match format {
+        ReportFormat::Table => report::table::render(&report),
+        ReportFormat::Json => report::json::render(&report),
+        ReportFormat::Csv => report::csv::render(&report),
+        ReportFormat::Html => report::html::render(&report),
+    };
+    write_stdout(&text)?;
+    #[allow(clippy::print_stderr)]
+    {
+        if report.lines.malformed > 0 {
+            eprintln!(
+                "warning: {} malformed audit lines skipped (first: {})",
+                report.lines.malformed,
+                report.lines.malformed_at.join("; ")
+            );
+        }
+        if !report.chain.ok {
+            eprintln!(
+                "AUDIT CHAIN BROKEN at {} ({} breaks): the figures come from a log that was altered",
+                report.chain.error.as_deref().unwrap_or("?"),
+                report.chain.errors
+            );
+            return Ok(Done::ChainBroken);
+        }
+    }
+    Ok(Done::Ok)
+}
+
+/// Writes a whole document to stdout (a closed pipe is not an error worth a panic).
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
     // Reloads read the same file even if something changes the working directory.
     let path = std::path::absolute(&path).unwrap_or(path);
@@ -268,6 +379,10 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
     let audit_dir = state.live.load().config.storage.dir.join("audit");
     let stopped = state.runs.replay_audit(&audit_dir)?;
     tracing::info!(stopped, "stopped runs restored from the audit log");
+    let outcomes = state
+        .outcome_kinds
+        .replay_audit(&state.live.load().config.storage.dir.join("audit"))?;
+    tracing::info!(outcomes, "outcome kinds restored from the audit log");
     let (pause_all, paused) = state.switches.replay_audit(&audit_dir)?;
     tracing::info!(pause_all, paused, "pauses restored from the audit log");
     tokio::select! {

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub run_warnings: IntCounterVec,
     pub paused_agents: IntGauge,
     pub anomalies: IntCounterVec,
+    /// Outcomes agents reported; kinds are bounded per agent (`outcomes.max_kinds_per_agent`).
+    pub outcomes: IntCounterVec,
     models: Mutex<HashSet<String>>,
 }
 
@@ -157,6 +159,14 @@ impl Metrics {
             &["agent"],
         )?;
         registry.register(Box::new(anomalies.clone()))?;
+        let outcomes = IntCounterVec::new(
+            Opts::new(
+                "tokenwarden_outcomes_total",
+                "Outcomes agents reported (tickets resolved, PRs merged, ...), by kind",
+            ),
+            &["agent", "kind"],
+        )?;
+        registry.register(Box::new(outcomes.clone()))?;
         registry.register(Box::new(runs_active.clone()))?;
         registry.register(Box::new(runs_stopped.clone()))?;
         registry.register(Box::new(run_warnings.clone()))?;
@@ -196,6 +206,7 @@ impl Metrics {
             run_warnings,
             paused_agents,
             anomalies,
+            outcomes,
             models: Mutex::new(HashSet::new()),
         })
     }

@@ -44,7 +44,8 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 pub struct Record {
     /// RFC 3339, UTC, milliseconds.
     pub ts: String,
-    /// `request`, `run` (a run stopped, warned or resumed) or `admin`.
+    /// `request`, `run` (a run stopped, warned or resumed), `admin` or `outcome` (work an
+    /// agent reported done, `POST /v1/outcomes`).
     pub kind: &'static str,
     pub request_id: String,
     pub agent: Option<String>,
@@ -78,6 +79,15 @@ pub struct Record {
     /// Who did it (admin lines): the name of the admin token, or `SIGHUP`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// Outcome lines: what was achieved (`ticket_resolved`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome_kind: Option<String>,
+    /// Outcome lines: how many of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// Outcome lines: the caller's own reference (a ticket or PR id), attribution only.
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_body: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

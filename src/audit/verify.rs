@@ -1,8 +1,12 @@
 //! `tokenwarden audit verify`: checks the chain across files, line by line.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use super::{chain_hash, GENESIS_HASH};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+use super::GENESIS_HASH;
 
 /// `,"hash":"` + 64 hex digits + `"}`.
 const HASH_SUFFIX_LEN: usize = 9 + 64 + 2;
@@ -40,7 +44,7 @@ pub fn verify(paths: &[PathBuf], key: Option<&[u8]>) -> Result<Verified, Broken>
     }
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
 
-    let mut prev: Option<(u64, String)> = None;
+    let mut chain = Chain::new(key);
     let mut verified = Verified {
         files: files.len(),
         records: 0,
@@ -57,55 +61,158 @@ pub fn verify(paths: &[PathBuf], key: Option<&[u8]>) -> Result<Verified, Broken>
             if line.is_empty() {
                 continue;
             }
-            let (seq, hash) = check_line(line, key, prev.as_ref())
+            let links: Links<'_> = serde_json::from_slice(line)
+                .map_err(|e| broken(file, i + 1, format!("not a JSON line: {e}")))?;
+            let (seq, prev_hash, hash) = (
+                links
+                    .seq
+                    .ok_or_else(|| broken(file, i + 1, "no seq".into()))?,
+                links
+                    .prev_hash
+                    .ok_or_else(|| broken(file, i + 1, "no prev_hash".into()))?,
+                links
+                    .hash
+                    .ok_or_else(|| broken(file, i + 1, "no hash".into()))?,
+            );
+            chain
+                .check(line, seq, &prev_hash, &hash)
                 .map_err(|reason| broken(file, i + 1, reason))?;
             verified.first_seq.get_or_insert(seq);
             verified.last_seq = Some(seq);
             verified.records += 1;
-            prev = Some((seq, hash));
         }
     }
     Ok(verified)
 }
 
-fn check_line(
-    line: &[u8],
-    key: Option<&[u8]>,
-    prev: Option<&(u64, String)>,
-) -> Result<(u64, String), String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(line).map_err(|e| format!("not a JSON line: {e}"))?;
-    let seq = value["seq"].as_u64().ok_or("no seq")?;
-    let hash = value["hash"].as_str().ok_or("no hash")?;
-    let prev_hash = value["prev_hash"].as_str().ok_or("no prev_hash")?;
-    if line.len() < HASH_SUFFIX_LEN || !line.ends_with(format!(",\"hash\":\"{hash}\"}}").as_bytes())
-    {
-        return Err("the hash is not the last field".into());
-    }
-    let mut covered = line[..line.len() - HASH_SUFFIX_LEN].to_vec();
-    covered.push(b'}');
-    if chain_hash(key, &covered) != hash {
-        return Err(format!("seq {seq}: the line was altered (hash mismatch)"));
-    }
-    match prev {
-        Some((prev_seq, prev_hash_want)) => {
-            if seq != prev_seq + 1 {
-                return Err(format!(
-                    "seq {seq} follows seq {prev_seq}: a line is missing or out of order"
-                ));
-            }
-            if prev_hash != prev_hash_want {
-                return Err(format!(
-                    "seq {seq}: prev_hash does not match the line before"
-                ));
-            }
+/// The fields that chain a line.
+#[derive(serde::Deserialize)]
+struct Links<'a> {
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(borrow, default)]
+    prev_hash: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    hash: Option<Cow<'a, str>>,
+}
+
+/// The chain as it is read, line by line: checks each line's hash against its bytes and
+/// its link to the line before, without allocating (`tokenwarden audit verify` and
+/// `tokenwarden report` both read through it).
+pub struct Chain {
+    /// The HMAC state after the key, cloned per line (cheaper than keying it again).
+    mac: Option<Hmac<Sha256>>,
+    /// The last linked line: its seq and its hash as written (hex).
+    prev: Option<(u64, [u8; 64])>,
+}
+
+impl Chain {
+    pub fn new(key: Option<&[u8]>) -> Chain {
+        Chain {
+            // HMAC takes keys of any length: `new_from_slice` cannot fail.
+            mac: key.and_then(|k| Hmac::<Sha256>::new_from_slice(k).ok()),
+            prev: None,
         }
-        None if seq == 1 && prev_hash != GENESIS_HASH => {
-            return Err("seq 1 must chain to the genesis hash".into());
-        }
-        None => {}
     }
-    Ok((seq, hash.to_owned()))
+
+    /// Checks one line, given its `seq`, `prev_hash` and `hash` fields: the hash must be
+    /// the last field and match the line's bytes, and the line must follow the one
+    /// checked before. The first line may continue an older chain whose files are gone.
+    pub fn check(
+        &mut self,
+        line: &[u8],
+        seq: u64,
+        prev_hash: &str,
+        hash: &str,
+    ) -> Result<(), String> {
+        self.check_hash(line, seq, hash)?;
+        self.link(seq, prev_hash, hash)
+    }
+
+    /// The half of [`Chain::check`] that needs no other line: the hash is the last field
+    /// and matches the line's bytes. Takes `&self`, so lines can be hashed in parallel
+    /// and then linked in order.
+    pub fn check_hash(&self, line: &[u8], seq: u64, hash: &str) -> Result<(), String> {
+        let suffix_ok = line.len() >= HASH_SUFFIX_LEN
+            && hash.len() == 64
+            && line.ends_with(b"\"}")
+            && line[line.len() - HASH_SUFFIX_LEN..].starts_with(b",\"hash\":\"")
+            && &line[line.len() - 66..line.len() - 2] == hash.as_bytes();
+        if !suffix_ok {
+            return Err("the hash is not the last field".into());
+        }
+        let covered = &line[..line.len() - HASH_SUFFIX_LEN];
+        let got: [u8; 32] = match &self.mac {
+            Some(mac) => {
+                let mut mac = mac.clone();
+                mac.update(covered);
+                mac.update(b"}");
+                mac.finalize().into_bytes().into()
+            }
+            None => {
+                let mut sha = Sha256::new();
+                sha.update(covered);
+                sha.update(b"}");
+                sha.finalize().into()
+            }
+        };
+        // The writer writes lower-case hex: compare as text, no decoding.
+        if lower_hex(&got) != hash.as_bytes() {
+            return Err(format!("seq {seq}: the line was altered (hash mismatch)"));
+        }
+        Ok(())
+    }
+
+    /// The other half: the line follows the one linked before (its `seq` is one more and
+    /// its `prev_hash` is that line's hash).
+    pub fn link(&mut self, seq: u64, prev_hash: &str, hash: &str) -> Result<(), String> {
+        let result = match &self.prev {
+            Some((prev_seq, prev_want)) => {
+                if seq != prev_seq + 1 {
+                    Err(format!(
+                        "seq {seq} follows seq {prev_seq}: a line is missing or out of order"
+                    ))
+                } else if prev_hash.as_bytes() != &prev_want[..] {
+                    Err(format!(
+                        "seq {seq}: prev_hash does not match the line before"
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            None if seq == 1 && prev_hash != GENESIS_HASH => {
+                Err("seq 1 must chain to the genesis hash".into())
+            }
+            None => Ok(()),
+        };
+        if result.is_ok() {
+            self.resume_after(seq, hash);
+        }
+        result
+    }
+
+    /// Goes on after a broken line as if the chain began again at the next line, so a
+    /// reader that keeps going reports one break once, not every line after it.
+    pub fn restart(&mut self) {
+        self.prev = None;
+    }
+
+    /// Goes on after a line whose link was broken but whose own hash is sound: the next
+    /// line must follow it.
+    pub fn resume_after(&mut self, seq: u64, hash: &str) {
+        self.prev = <[u8; 64]>::try_from(hash.as_bytes()).ok().map(|h| (seq, h));
+    }
+}
+
+/// A digest as lower-case hex.
+fn lower_hex(digest: &[u8; 32]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, b) in digest.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    }
+    out
 }
 
 fn broken(file: &Path, line: usize, reason: String) -> Broken {

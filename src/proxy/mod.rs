@@ -4,6 +4,7 @@
 pub mod admit;
 pub mod error;
 pub mod headers;
+pub mod outcomes;
 pub mod settle;
 pub mod strip;
 pub mod tap;
@@ -105,6 +106,8 @@ pub struct AppState {
     pub switches: Arc<Switches>,
     /// Each agent's baseline of tokens, for spikes.
     pub anomalies: Arc<Anomalies>,
+    /// The outcome kinds each agent has reported (bounded per agent).
+    pub outcome_kinds: crate::outcomes::OutcomeKinds,
     /// Budgets, rate limits and requests in flight shared with other replicas, when
     /// `storage.redis_url` is set; the ledger and guards above are then unused.
     pub redis: Option<Arc<RedisLedger>>,
@@ -138,6 +141,7 @@ impl AppState {
             runs: Arc::new(Runs::default()),
             switches: Arc::new(Switches::default()),
             anomalies: Arc::new(Anomalies::default()),
+            outcome_kinds: crate::outcomes::OutcomeKinds::default(),
             redis,
             settler: settle::Settler::start(),
             draining: AtomicBool::new(false),
@@ -230,6 +234,12 @@ async fn serve(
     } else {
         ProviderKind::OpenAi
     };
+
+    // Served by the proxy itself, before routing: a provider with prefix `/` would
+    // otherwise take this path too.
+    if meta.path == outcomes::PATH {
+        return outcomes::handle(&state, &live, req, &meta).await;
+    }
 
     match forward(&state, &live, req, &meta).await {
         Ok(response) => response,

@@ -438,6 +438,9 @@ impl Settlement {
             client: client_addr.to_string(),
             detail: None,
             by: None,
+            outcome_kind: None,
+            count: None,
+            reference: None,
             request_body: include_bodies.then(|| String::from_utf8_lossy(&request).into_owned()),
             response_body,
         });
