@@ -155,8 +155,11 @@ struct Run {
     in_flight: u32,
     repeats: HashMap<[u8; 16], u64>,
     error_streak: u64,
-    /// Tokens settled in the last minute, oldest first.
+    /// Tokens settled in the last minute, oldest first, summed per second.
     recent: VecDeque<(Instant, u64)>,
+    /// The sum of `recent`, kept as it changes: a busy run settles thousands of requests
+    /// a minute, and summing them per request would cost that much each time.
+    recent_sum: u64,
     stopped: Option<Stopped>,
 }
 
@@ -174,19 +177,20 @@ impl Run {
             repeats: HashMap::new(),
             error_streak: 0,
             recent: VecDeque::new(),
+            recent_sum: 0,
             stopped: None,
         }
     }
 
     fn tokens_last_minute(&mut self, now: Instant) -> u64 {
-        while self
-            .recent
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) >= Duration::from_secs(60))
-        {
+        while let Some(&(at, n)) = self.recent.front() {
+            if now.duration_since(at) < Duration::from_secs(60) {
+                break;
+            }
             self.recent.pop_front();
+            self.recent_sum -= n;
         }
-        self.recent.iter().map(|(_, n)| n).sum()
+        self.recent_sum
     }
 
     /// Every condition this request would cross (`fingerprint`: its repetition key).
@@ -562,7 +566,12 @@ impl Runs {
         run.nanos += nanos;
         run.last_seen = now;
         if tokens > 0 {
-            run.recent.push_back((now, tokens));
+            // One entry per second at most: a minute is then 60 entries, however busy.
+            match run.recent.back_mut() {
+                Some((at, n)) if now.duration_since(*at) < Duration::from_secs(1) => *n += tokens,
+                _ => run.recent.push_back((now, tokens)),
+            }
+            run.recent_sum += tokens;
         }
         match ending {
             Ending::UpstreamError => run.error_streak += 1,
@@ -684,6 +693,7 @@ impl Runs {
         run.repeats.clear();
         run.error_streak = 0;
         run.recent.clear();
+        run.recent_sum = 0;
         true
     }
 
