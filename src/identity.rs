@@ -19,6 +19,13 @@ pub struct Agent {
     pub team: Option<String>,
 }
 
+impl Agent {
+    /// The hash tag of the agent's keys in Redis: its team, or itself.
+    pub fn tag(&self) -> &str {
+        self.team.as_deref().unwrap_or(&self.id)
+    }
+}
+
 /// The table of virtual-key digests.
 #[derive(Debug, Default)]
 pub struct Identities {

@@ -51,34 +51,17 @@ async fn concurrent_streams_never_spend_past_the_budget() {
     let budget_table = format!("[[agents.budgets]]\nperiod = \"day\"\ntokens = {budget}");
     let proxy = Proxy::start(&budget_config(&mock, &budget_table, ""));
 
-    let mut tasks = Vec::new();
-    for _ in 0..64 {
-        let req = request(
-            "POST",
-            &proxy.url("/openai/v1/chat/completions"),
-            &[
-                ("content-type", "application/json"),
-                ("authorization", &bearer(KEY_A)),
-                ("x-mock-chunks", "20"),
-                ("x-mock-delay-ms", "30"),
-            ],
-            STREAM,
-        );
-        tasks.push(tokio::spawn(async move {
-            let response = client().request(req).await.unwrap();
-            let status = response.status().as_u16();
-            let retry = response
-                .headers()
-                .get("x-should-retry")
-                .map(|v| v.to_str().unwrap().to_owned());
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            (status, retry, body)
-        }));
-    }
+    let answers = concurrent_posts(
+        &[proxy.url("/openai/v1/chat/completions")],
+        64,
+        KEY_A,
+        &[("x-mock-chunks", "20"), ("x-mock-delay-ms", "30")],
+        STREAM,
+    )
+    .await;
     let mut ok = 0;
     let mut refused = 0;
-    for task in tasks {
-        let (status, retry, body) = task.await.unwrap();
+    for (status, retry, body) in answers {
         match status {
             200 => {
                 ok += 1;

@@ -68,33 +68,19 @@ async fn two_replicas_never_spend_past_one_budget_together() {
     let config = shared_config(&mock, &redis, &table, "");
     let replicas = [Proxy::start(&config), Proxy::start(&config)];
 
-    let mut tasks = Vec::new();
-    for i in 0..64 {
-        let req = request(
-            "POST",
-            &replicas[i % 2].url("/openai/v1/chat/completions"),
-            &[
-                ("content-type", "application/json"),
-                ("authorization", &bearer(KEY_A)),
-                ("x-mock-chunks", "20"),
-                ("x-mock-delay-ms", "30"),
-            ],
-            STREAM,
-        );
-        tasks.push(tokio::spawn(async move {
-            let response = client().request(req).await.unwrap();
-            let status = response.status().as_u16();
-            let retry = response
-                .headers()
-                .get("x-should-retry")
-                .map(|v| v.to_str().unwrap().to_owned());
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            (status, retry, body)
-        }));
-    }
+    let answers = concurrent_posts(
+        &[
+            replicas[0].url("/openai/v1/chat/completions"),
+            replicas[1].url("/openai/v1/chat/completions"),
+        ],
+        64,
+        KEY_A,
+        &[("x-mock-chunks", "20"), ("x-mock-delay-ms", "30")],
+        STREAM,
+    )
+    .await;
     let (mut ok, mut refused) = (0, 0);
-    for task in tasks {
-        let (status, retry, body) = task.await.unwrap();
+    for (status, retry, body) in answers {
         match status {
             200 => {
                 ok += 1;

@@ -502,23 +502,22 @@ impl Runs {
             };
         }
         let crossed = run.crossed(agent, limits, fingerprint.as_ref(), now);
-        if limits.action == RunAction::Stop {
-            if let Some(first) = crossed.into_iter().next() {
-                run.stopped = Some(Stopped {
-                    crossed: first.clone(),
-                    at: Timestamp::now().to_string(),
-                });
-                return Verdict::Stop {
-                    run: id,
-                    crossed: first,
-                    newly: true,
-                };
+        let warnings = match limits.action {
+            RunAction::Warn => crossed,
+            RunAction::Stop => {
+                if let Some(first) = crossed.into_iter().next() {
+                    run.stopped = Some(Stopped {
+                        crossed: first.clone(),
+                        at: Timestamp::now().to_string(),
+                    });
+                    return Verdict::Stop {
+                        run: id,
+                        crossed: first,
+                        newly: true,
+                    };
+                }
+                Vec::new()
             }
-        }
-        let warnings = if limits.action == RunAction::Warn {
-            run.crossed(agent, limits, fingerprint.as_ref(), now)
-        } else {
-            Vec::new()
         };
         run.requests += 1;
         run.in_flight += 1;

@@ -554,24 +554,30 @@ impl RedisLedger {
 
     /// Runs one job until Redis takes it.
     async fn run_job(&self, job: Job) {
-        let (prefixes, who, paused, field, why) = match job {
+        let mut pipe = redis::pipe();
+        match job {
             Job::Settle(settle) => return self.settle_one(settle).await,
-            Job::Run { prefix, field, why } => (vec![prefix], String::new(), false, field, why),
+            Job::Run { prefix, field, why } => {
+                let key = format!("{prefix}stopped-runs");
+                match why {
+                    Some(why) => pipe.hset(key, field, why).ignore(),
+                    None => pipe.hdel(key, field).ignore(),
+                };
+            }
             Job::Pause {
                 prefixes,
                 who,
                 paused,
-            } => (prefixes, who, paused, String::new(), None),
-        };
-        let mut pipe = redis::pipe();
-        for prefix in &prefixes {
-            match (field.is_empty(), &why, paused) {
-                (false, Some(why), _) => pipe.hset(format!("{prefix}stopped-runs"), &field, why),
-                (false, None, _) => pipe.hdel(format!("{prefix}stopped-runs"), &field),
-                (true, _, true) => pipe.hset(format!("{prefix}paused"), &who, 1),
-                (true, _, false) => pipe.hdel(format!("{prefix}paused"), &who),
-            };
-            pipe.ignore();
+            } => {
+                for prefix in prefixes {
+                    let key = format!("{prefix}paused");
+                    if paused {
+                        pipe.hset(key, &who, 1).ignore();
+                    } else {
+                        pipe.hdel(key, &who).ignore();
+                    }
+                }
+            }
         }
         let mut delay = Duration::from_millis(50);
         loop {

@@ -105,8 +105,7 @@ impl Watch {
         });
         if self.pause && self.switches.set_agent(&agent.id, true) {
             if let Some(redis) = redis {
-                let tag = agent.team.as_deref().unwrap_or(&agent.id);
-                redis.share_pause(&[tag.to_owned()], &agent.id, true);
+                redis.share_pause(&[agent.tag().to_owned()], &agent.id, true);
             }
             // The line a restart replays the pause from, as for an admin's.
             audit.append(Record {
@@ -495,8 +494,8 @@ pub fn run_event(
     let outcome = match event {
         RunEvent::Stopped => {
             if let Some(redis) = redis {
-                let tag = agent.team.as_deref().unwrap_or(&agent.id);
-                redis.share_run(tag, &agent.id, run, serde_json::to_string(crossed).ok());
+                let why = serde_json::to_string(crossed).ok();
+                redis.share_run(agent.tag(), &agent.id, run, why);
             }
             metrics
                 .runs_stopped
@@ -520,8 +519,7 @@ pub fn run_event(
         }
         RunEvent::Resumed => {
             if let Some(redis) = redis {
-                let tag = agent.team.as_deref().unwrap_or(&agent.id);
-                redis.share_run(tag, &agent.id, run, None);
+                redis.share_run(agent.tag(), &agent.id, run, None);
             }
             tracing::info!(agent = agent.id, run, "run resumed: {}", crossed.message);
             "resumed"

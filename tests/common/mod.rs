@@ -536,3 +536,40 @@ impl Drop for Redis {
         self.stop();
     }
 }
+
+/// Sends `n` requests at once, the i-th to `urls[i % urls.len()]`, as `key`; each read to
+/// its end: (status, `x-should-retry`, body), in the order sent.
+pub async fn concurrent_posts(
+    urls: &[String],
+    n: usize,
+    key: &str,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> Vec<(u16, Option<String>, Bytes)> {
+    let auth = bearer(key);
+    let mut all = vec![
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    all.extend_from_slice(headers);
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let req = request("POST", &urls[i % urls.len()], &all, body);
+            tokio::spawn(async move {
+                let response = client().request(req).await.unwrap();
+                let status = response.status().as_u16();
+                let retry = response
+                    .headers()
+                    .get("x-should-retry")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (status, retry, body)
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for task in tasks {
+        out.push(task.await.unwrap());
+    }
+    out
+}
