@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tokenwarden::admin::overview::Overview;
 use tokenwarden::admin::reload::load_live;
 use tokenwarden::admin::Caller;
 use tokenwarden::audit::{self, AuditLog, AuditSettings, SnapshotSettings};
@@ -375,8 +376,19 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
         listeners.admin.local_addr()?
     ));
     let redis = redis_ledger(&live.config, &tz)?;
-    let state = Arc::new(AppState::new(live, metrics, audit, ledger, redis).with_config_path(path));
-    let audit_dir = state.live.load().config.storage.dir.join("audit");
+    let audit_dir = live.config.storage.dir.join("audit");
+    let overview = Overview::new(
+        audit_dir.clone(),
+        audit_key(&live.config)?
+            .as_ref()
+            .map(|k| k.expose().as_slice()),
+        live.config.insights.redundancy_window,
+    );
+    let state = Arc::new(
+        AppState::new(live, metrics, audit, ledger, redis)
+            .with_config_path(path)
+            .with_overview(overview),
+    );
     let stopped = state.runs.replay_audit(&audit_dir)?;
     tracing::info!(stopped, "stopped runs restored from the audit log");
     let outcomes = state

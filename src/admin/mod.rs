@@ -13,6 +13,8 @@
 
 mod agents;
 pub mod auth;
+mod dashboard;
+pub mod overview;
 pub mod reload;
 mod runs;
 
@@ -51,6 +53,8 @@ pub async fn handle(
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
         (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
+        // The page holds no data: it asks for an admin token and reads `/admin/overview`.
+        (&Method::GET, "/dashboard") => dashboard::page(),
         _ if path == "/admin" || path.starts_with("/admin/") => admin(state, req, peer).await,
         _ => error_response(&AdminError::NotFound(path.to_owned())),
     }
@@ -214,6 +218,7 @@ pub fn audit_line(state: &AppState, caller: &Caller, entry: Entry<'_>) {
 enum Route {
     Agents,
     Agent(String, SwitchAction),
+    Overview,
     Runs,
     Run(String),
     StopRun(String),
@@ -236,6 +241,7 @@ impl Route {
         };
         Ok(match segments.as_slice() {
             ["agents"] => Route::Agents,
+            ["overview"] => Route::Overview,
             ["agents", agent, "pause"] => Route::Agent(id(agent)?, SwitchAction::Pause),
             ["agents", agent, "resume"] => Route::Agent(id(agent)?, SwitchAction::Resume),
             ["runs"] => Route::Runs,
@@ -252,7 +258,7 @@ impl Route {
     /// The one method the endpoint takes.
     fn allow(&self) -> &'static str {
         match self {
-            Route::Agents | Route::Runs | Route::Run(_) => "GET",
+            Route::Agents | Route::Overview | Route::Runs | Route::Run(_) => "GET",
             _ => "POST",
         }
     }
@@ -270,6 +276,7 @@ impl Route {
     fn action(&self) -> &'static str {
         match self {
             Route::Agents => "list_agents",
+            Route::Overview => "overview",
             Route::Agent(_, action) | Route::All(action) => action.as_str(),
             Route::Runs => "list_runs",
             Route::Run(_) => "get_run",
@@ -352,6 +359,30 @@ async fn admin(
             }
         }
         Route::Agents => list_agents(state, &live).await,
+        // Polled by the dashboard: audited once per token per period, not per read.
+        Route::Overview => {
+            return match overview::overview(state, &live).await {
+                Ok(done) => {
+                    if let Some(reads) = state.overview.audit_due(&caller.by) {
+                        let detail = format!(
+                            "{reads} overview reads (at most one line per token every {})",
+                            humantime::format_duration(overview::AUDIT_EVERY)
+                        );
+                        let entry = Entry {
+                            reason: route.action(),
+                            outcome: "ok",
+                            status: 200,
+                            agent: None,
+                            run: None,
+                            detail,
+                        };
+                        audit_line(state, &caller, entry);
+                    }
+                    json_response(StatusCode::OK, &done.body)
+                }
+                Err(error) => failed(state, &caller, route.action(), ids, error),
+            };
+        }
         Route::Agent(agent, action) => switch_agent(state, &live, agent, *action),
         Route::All(action) => switch_all(state, &live, *action),
         Route::Runs => list_runs(state, &live, query.get("agent")),

@@ -120,6 +120,8 @@ pub struct AppState {
     /// One reload at a time (SIGHUP and `POST /admin/reload` may meet), so each compares
     /// against the config it replaces.
     pub reloading: tokio::sync::Mutex<()>,
+    /// What the dashboard reads: the audit log as it grows.
+    pub overview: crate::admin::overview::Overview,
 }
 
 impl AppState {
@@ -147,7 +149,14 @@ impl AppState {
             draining: AtomicBool::new(false),
             config_path: None,
             reloading: tokio::sync::Mutex::new(()),
+            overview: crate::admin::overview::Overview::default(),
         }
+    }
+
+    /// Lets `/admin/overview` report on the audit log in `dir`.
+    pub fn with_overview(mut self, overview: crate::admin::overview::Overview) -> AppState {
+        self.overview = overview;
+        self
     }
 
     /// Names the config file that reloads read.

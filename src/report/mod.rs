@@ -10,6 +10,7 @@
 pub mod csv;
 pub mod html;
 pub mod json;
+pub mod live;
 pub mod scan;
 pub mod table;
 
@@ -183,9 +184,9 @@ pub fn build_from_files(
     key: Option<&[u8]>,
     options: &Options,
 ) -> Result<Report, ReportError> {
-    let mut agg = Aggregator::new(options);
+    let mut agg = Aggregator::new(options.clone());
     let findings = scan::scan(files, key, |line| agg.add(line))?;
-    Ok(agg.finish(findings))
+    Ok(agg.report(&findings, options.now))
 }
 
 #[derive(Default)]
@@ -202,11 +203,10 @@ struct Growth {
     calls: u64,
 }
 
-struct Aggregator<'o> {
-    options: &'o Options,
+struct Aggregator {
+    options: Options,
     since_ms: Option<i64>,
     window_ms: i64,
-    now_ms: i64,
     first_ms: Option<i64>,
     agents: Vec<(String, Tally)>,
     agent_index: HashMap<String, u32>,
@@ -225,16 +225,15 @@ struct Aggregator<'o> {
 /// Fingerprints remembered before the first pruning.
 const SEEN_PRUNE_MIN: usize = 100_000;
 
-impl<'o> Aggregator<'o> {
-    fn new(options: &'o Options) -> Aggregator<'o> {
+impl Aggregator {
+    fn new(options: Options) -> Aggregator {
         let now_ms = system_ms(options.now);
         Aggregator {
-            options,
             since_ms: options
                 .since
                 .map(|s| now_ms.saturating_sub(i64::try_from(s.as_millis()).unwrap_or(i64::MAX))),
             window_ms: i64::try_from(options.redundancy_window.as_millis()).unwrap_or(i64::MAX),
-            now_ms,
+            options,
             first_ms: None,
             agents: Vec::new(),
             agent_index: HashMap::new(),
@@ -410,7 +409,8 @@ impl<'o> Aggregator<'o> {
         }
     }
 
-    fn finish(self, findings: scan::Findings) -> Report {
+    /// The report of the lines added so far, as of `now`.
+    fn report(&self, findings: &scan::Findings, now: SystemTime) -> Report {
         let names: Vec<&str> = self.agents.iter().map(|(id, _)| id.as_str()).collect();
         let spend_over_time = spend_series(&self.spend, &names);
         let mut context_growth = Vec::new();
@@ -439,32 +439,32 @@ impl<'o> Aggregator<'o> {
 
         let agents = self
             .agents
-            .into_iter()
+            .iter()
             .filter(|(_, t)| !t.figures.is_empty())
-            .map(|(id, t)| (id, finish_figures(t.figures)))
+            .map(|(id, t)| (id.clone(), finish_figures(t.figures.clone())))
             .collect();
         let teams = self
             .teams
-            .into_iter()
-            .map(|(id, f)| (id, finish_figures(f)))
+            .iter()
+            .map(|(id, f)| (id.clone(), finish_figures(f.clone())))
             .collect();
         let from = self.since_ms.or(self.first_ms).map(format_ms);
         Report {
             period: Period {
                 from,
-                to: format_ms(self.now_ms),
+                to: format_ms(system_ms(now)),
             },
             chain: ChainStatus {
                 ok: findings.chain_errors == 0,
                 records: findings.records,
-                error: findings.first_chain_error,
+                error: findings.first_chain_error.clone(),
                 errors: findings.chain_errors,
             },
             lines: LineCounts {
                 counted: self.counted,
                 skipped: self.skipped,
                 malformed: findings.malformed,
-                malformed_at: findings.malformed_at,
+                malformed_at: findings.malformed_at.clone(),
                 unattributed: self.unattributed,
             },
             redundancy_window: humantime::format_duration(self.options.redundancy_window)

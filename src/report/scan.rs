@@ -51,7 +51,7 @@ pub struct Line<'a> {
 }
 
 /// What reading found wrong, besides the figures.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Findings {
     /// Lines read whole (parsed), sound or not.
     pub records: u64,
@@ -69,14 +69,14 @@ pub struct Findings {
 const MALFORMED_EXAMPLES: usize = 5;
 
 impl Findings {
-    fn chain_error(&mut self, file: &Path, line: usize, reason: &str) {
+    pub(super) fn chain_error(&mut self, file: &Path, line: usize, reason: &str) {
         self.chain_errors += 1;
         if self.first_chain_error.is_none() {
             self.first_chain_error = Some(format!("{}:{line}: {reason}", file.display()));
         }
     }
 
-    fn malformed(&mut self, file: &Path, line: usize, reason: &str) {
+    pub(super) fn malformed(&mut self, file: &Path, line: usize, reason: &str) {
         self.malformed += 1;
         if self.malformed_at.len() < MALFORMED_EXAMPLES {
             self.malformed_at
@@ -152,25 +152,7 @@ pub fn scan(
                         }
                         continue;
                     }
-                    match parsed {
-                        Parsed::Malformed(why) => {
-                            let why = format!("not an audit record: {why}");
-                            findings.malformed(file, number, &why);
-                            findings.chain_error(file, number, &why);
-                            chain.restart();
-                        }
-                        Parsed::Record(line, hashed) => {
-                            findings.records += 1;
-                            let linked = hashed
-                                .and_then(|()| chain.link(line.seq, &line.prev_hash, &line.hash));
-                            if let Err(why) = linked {
-                                findings.chain_error(file, number, &why);
-                                // Go on from this line: one edited line is one break.
-                                chain.resume_after(line.seq, &line.hash);
-                            }
-                            each(&line);
-                        }
-                    }
+                    take(&mut chain, &mut findings, (file, number), parsed, &mut each);
                 }
             }
         });
@@ -187,12 +169,41 @@ const CHUNKS_PER_WORKER: usize = 4;
 // Nearly every line is a record: boxing it would cost an allocation per line to save
 // space only on the rare malformed one.
 #[allow(clippy::large_enum_variant)]
-enum Parsed<'a> {
+pub(super) enum Parsed<'a> {
     Malformed(String),
     Record(Line<'a>, Result<(), String>),
 }
 
-fn parse<'a>(chain: &Chain, line: &'a [u8]) -> Parsed<'a> {
+/// Links a parsed line to the chain, notes what is wrong with it, and hands a record to
+/// `each`.
+pub(super) fn take(
+    chain: &mut Chain,
+    findings: &mut Findings,
+    (file, number): (&Path, usize),
+    parsed: Parsed<'_>,
+    each: &mut impl FnMut(&Line<'_>),
+) {
+    match parsed {
+        Parsed::Malformed(why) => {
+            let why = format!("not an audit record: {why}");
+            findings.malformed(file, number, &why);
+            findings.chain_error(file, number, &why);
+            chain.restart();
+        }
+        Parsed::Record(line, hashed) => {
+            findings.records += 1;
+            let linked = hashed.and_then(|()| chain.link(line.seq, &line.prev_hash, &line.hash));
+            if let Err(why) = linked {
+                findings.chain_error(file, number, &why);
+                // Go on from this line: one edited line is one break.
+                chain.resume_after(line.seq, &line.hash);
+            }
+            each(&line);
+        }
+    }
+}
+
+pub(super) fn parse<'a>(chain: &Chain, line: &'a [u8]) -> Parsed<'a> {
     match serde_json::from_slice::<Line<'a>>(line) {
         Ok(parsed) => {
             let hashed = chain.check_hash(line, parsed.seq, &parsed.hash);
