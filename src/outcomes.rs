@@ -2,8 +2,8 @@
 //! can show cost per outcome instead of tokens per person.
 //!
 //! An outcome arrives on the main listener (`POST /v1/outcomes`, served by
-//! [`crate::proxy::outcomes`], authenticated by the agent's own virtual key) or, later,
-//! through the admin API for any agent. Both end in [`record_outcome`]: it checks the
+//! [`crate::proxy::outcomes`], authenticated by the agent's own virtual key) or through
+//! the admin API for any agent (`POST /admin/agents/{id}/outcomes`). Both end in [`record_outcome`]: it checks the
 //! agent's bound on distinct kinds, counts the outcome in
 //! `tokenwarden_outcomes_total{agent,kind}` and writes an audit line of kind `outcome`.
 //! A refused outcome changes nothing: no audit line, no count, no new kind.
@@ -252,6 +252,8 @@ pub struct Origin {
     pub path: String,
     /// The client's address.
     pub client: String,
+    /// The admin token's name, when an admin recorded it for the agent.
+    pub by: Option<String>,
 }
 
 /// What was recorded, as the caller is told.
@@ -315,6 +317,7 @@ pub fn record_outcome(
         outcome_kind: Some(outcome.kind.clone()),
         count: Some(outcome.count),
         reference: outcome.reference.clone(),
+        by: origin.by,
         ..Record::default()
     });
     Ok(Recorded {

@@ -771,3 +771,79 @@ async fn in_redis_mode_agents_show_the_shared_budget() {
     admin_ok(&proxy, "POST", "/admin/agents/agent-b/pause").await;
     assert_eq!(chat_status(&proxy, KEY_B, None).await, 403);
 }
+
+#[tokio::test]
+async fn an_admin_records_outcomes_for_any_agent() {
+    let mock = Mock::start();
+    let proxy = start(&admin_config(&mock));
+    let ops = bearer(OPS_TOKEN);
+    let post = |path: &str, body: &str| {
+        let url = proxy.admin_url(path);
+        let ops = ops.clone();
+        let body = body.to_owned();
+        async move { post_json(&url, &[("authorization", ops.as_str())], &body).await }
+    };
+
+    let (status, _, body) = post(
+        "/admin/agents/agent-b/outcomes",
+        r#"{"kind":"pr_merged","count":3,"run":"r-9","ref":"PR-7"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let recorded = &json(&body)["recorded"];
+    assert_eq!(recorded["agent"], "agent-b");
+    assert_eq!(recorded["kind"], "pr_merged");
+    assert_eq!(recorded["count"], 3);
+
+    // Refused: unknown agent, a bad body, no token. None records anything.
+    let (status, _, body) = post("/admin/agents/nobody/outcomes", r#"{"kind":"x"}"#).await;
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    let (status, _, body) = post("/admin/agents/agent-b/outcomes", r#"{"kind":"x","n":1}"#).await;
+    assert_eq!(status, 400);
+    assert!(json(&body)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unknown field"));
+    let (status, _, _) = post_json(
+        &proxy.admin_url("/admin/agents/agent-b/outcomes"),
+        &[],
+        r#"{"kind":"x"}"#,
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    proxy
+        .wait_for_metric("tokenwarden_outcomes_total{agent=\"agent-b\",kind=\"pr_merged\"} 3")
+        .await;
+    let lines = wait_for_line(&proxy.dir.path().join("data/audit"), |l| {
+        l["kind"] == "admin" && l["reason"] == "unauthorized"
+    })
+    .await;
+    let outcomes: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "outcome").collect();
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert_eq!(outcomes[0]["agent"], "agent-b");
+    assert_eq!(outcomes[0]["by"], "ops");
+    assert_eq!(outcomes[0]["outcome_kind"], "pr_merged");
+    assert_eq!(outcomes[0]["count"], 3);
+    assert_eq!(outcomes[0]["run"], "r-9");
+    assert_eq!(outcomes[0]["ref"], "PR-7");
+    let admin_lines: Vec<(&str, &str)> = lines
+        .iter()
+        .filter(|l| l["kind"] == "admin")
+        .map(|l| {
+            (
+                l["reason"].as_str().unwrap(),
+                l["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        admin_lines,
+        [
+            ("record_outcome", "ok"),
+            ("record_outcome", "failed"),
+            ("record_outcome", "failed"),
+            ("unauthorized", "rejected"),
+        ]
+    );
+}

@@ -90,6 +90,8 @@ pub enum AdminError {
     Store(String),
     #[error(transparent)]
     Reload(#[from] ReloadError),
+    #[error(transparent)]
+    Outcome(#[from] crate::outcomes::OutcomeError),
 }
 
 impl AdminError {
@@ -106,6 +108,9 @@ impl AdminError {
             AdminError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Reload(ReloadError::NoConfigFile) => StatusCode::INTERNAL_SERVER_ERROR,
             AdminError::Reload(_) => StatusCode::BAD_REQUEST,
+            AdminError::Outcome(e) => {
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST)
+            }
         }
     }
 }
@@ -218,6 +223,7 @@ pub fn audit_line(state: &AppState, caller: &Caller, entry: Entry<'_>) {
 enum Route {
     Agents,
     Agent(String, SwitchAction),
+    Outcome(String),
     Overview,
     Runs,
     Run(String),
@@ -244,6 +250,7 @@ impl Route {
             ["overview"] => Route::Overview,
             ["agents", agent, "pause"] => Route::Agent(id(agent)?, SwitchAction::Pause),
             ["agents", agent, "resume"] => Route::Agent(id(agent)?, SwitchAction::Resume),
+            ["agents", agent, "outcomes"] => Route::Outcome(id(agent)?),
             ["runs"] => Route::Runs,
             ["runs", run] => Route::Run(id(run)?),
             ["runs", run, "stop"] => Route::StopRun(id(run)?),
@@ -266,7 +273,7 @@ impl Route {
     /// The agent and the run the path names, for the audit line of a failure.
     fn ids(&self) -> (Option<&str>, Option<&str>) {
         match self {
-            Route::Agent(agent, _) => (Some(agent), None),
+            Route::Agent(agent, _) | Route::Outcome(agent) => (Some(agent), None),
             Route::Run(run) | Route::StopRun(run) | Route::ResumeRun(run) => (None, Some(run)),
             _ => (None, None),
         }
@@ -277,6 +284,7 @@ impl Route {
         match self {
             Route::Agents => "list_agents",
             Route::Overview => "overview",
+            Route::Outcome(_) => "record_outcome",
             Route::Agent(_, action) | Route::All(action) => action.as_str(),
             Route::Runs => "list_runs",
             Route::Run(_) => "get_run",
@@ -347,9 +355,10 @@ async fn admin(
         Err(error) => return failed(state, &caller, route.action(), ids, error),
     };
     let ids = (query.get("agent").map(String::as_str).or(ids.0), ids.1);
-    if let Err(error) = read_body(req).await {
-        return failed(state, &caller, route.action(), ids, error);
-    }
+    let body = match read_body(req).await {
+        Ok(body) => body,
+        Err(error) => return failed(state, &caller, route.action(), ids, error),
+    };
     let result = match &route {
         // A reload writes its own audit line, as one by SIGHUP does.
         Route::Reload => {
@@ -384,6 +393,7 @@ async fn admin(
             };
         }
         Route::Agent(agent, action) => switch_agent(state, &live, agent, *action),
+        Route::Outcome(agent) => record_outcome(state, &caller, agent, &body),
         Route::All(action) => switch_all(state, &live, *action),
         Route::Runs => list_runs(state, &live, query.get("agent")),
         Route::Run(run) => get_run(state, run, query.get("agent")),
@@ -410,6 +420,34 @@ async fn admin(
     }
 }
 
+/// `POST /admin/agents/{id}/outcomes`: an outcome for any configured agent, with the
+/// body of `POST /v1/outcomes`. Its `outcome` line names the admin token in `by`.
+fn record_outcome(
+    state: &AppState,
+    caller: &Caller,
+    agent: &str,
+    body: &[u8],
+) -> Result<Done, AdminError> {
+    let origin = crate::outcomes::Origin {
+        request_id: String::new(),
+        method: caller.method.clone(),
+        path: caller.path.clone(),
+        client: caller.client.clone(),
+        by: Some(caller.by.clone()),
+    };
+    let outcome = crate::outcomes::Outcome::from_json(body)?;
+    let recorded = crate::outcomes::record_outcome(state, agent, outcome, origin)?;
+    Ok(Done {
+        detail: format!(
+            "recorded {} x {} for agent {agent}",
+            recorded.count, recorded.kind
+        ),
+        run: recorded.run.clone(),
+        body: json!({ "recorded": recorded }),
+        agent: Some(agent.to_owned()),
+    })
+}
+
 /// Audits a refused admin request and answers it.
 fn failed(
     state: &AppState,
@@ -433,8 +471,8 @@ fn failed(
     error_response(&error)
 }
 
-/// Reads (and drops) the request body, refusing one over [`MAX_BODY_BYTES`].
-async fn read_body(req: Request<Incoming>) -> Result<(), AdminError> {
+/// Reads the request body, refusing one over [`MAX_BODY_BYTES`].
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, AdminError> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -447,7 +485,7 @@ async fn read_body(req: Request<Incoming>) -> Result<(), AdminError> {
         .collect()
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(AdminError::BodyTooLarge),
         Err(_) => Err(AdminError::BodyRead),
     }

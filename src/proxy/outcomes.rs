@@ -86,6 +86,7 @@ pub async fn handle(
         method: meta.method.to_string(),
         path: meta.path.clone(),
         client: meta.client_addr.to_string(),
+        by: None,
     };
     let recorded =
         Outcome::from_json(&body).and_then(|o| record_outcome(state, &agent.id, o, origin));
