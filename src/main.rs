@@ -351,7 +351,7 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
     )?;
     let audit = Arc::new(audit);
     let ledger = Ledger::new(tz.clone(), Arc::new(SystemClock));
-    if let Some(restored) = restored {
+    if let Some(restored) = &restored {
         live.policies.restore(&ledger, &restored.aggregate);
         match restored.snapshot_seq {
             Some(seq) => tracing::info!(
@@ -378,7 +378,7 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
     let redis = redis_ledger(&live.config, &tz)?;
     let audit_dir = live.config.storage.dir.join("audit");
     let overview = Overview::new(
-        audit_dir.clone(),
+        audit_dir,
         audit_key(&live.config)?
             .as_ref()
             .map(|k| k.expose().as_slice()),
@@ -389,14 +389,19 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
             .with_config_path(path)
             .with_overview(overview),
     );
-    let stopped = state.runs.replay_audit(&audit_dir)?;
-    tracing::info!(stopped, "stopped runs restored from the audit log");
-    let outcomes = state
-        .outcome_kinds
-        .replay_audit(&state.live.load().config.storage.dir.join("audit"))?;
-    tracing::info!(outcomes, "outcome kinds restored from the audit log");
-    let (pause_all, paused) = state.switches.replay_audit(&audit_dir)?;
-    tracing::info!(pause_all, paused, "pauses restored from the audit log");
+    if let Some(restored) = &restored {
+        let standing = restored.aggregate.standing();
+        let stopped = state.runs.restore(standing);
+        let kinds = state.outcome_kinds.restore(standing);
+        let (pause_all, paused) = state.switches.restore(standing);
+        tracing::info!(
+            stopped,
+            kinds,
+            pause_all,
+            paused,
+            "stopped runs, outcome kinds and pauses restored"
+        );
+    }
     tokio::select! {
         served = server::run(state.clone(), listeners, shutdown_signal()) => served?,
         never = reload_on_hangup(&state, hangup) => match never {},

@@ -9,7 +9,6 @@
 //! A refused outcome changes nothing: no audit line, no count, no new kind.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -201,46 +200,16 @@ impl OutcomeKinds {
         Ok(())
     }
 
-    /// Learns the kinds already in the audit log in `dir`; returns how many outcome lines
-    /// it read. Kinds past a since-lowered limit stay known: they were accepted once.
-    pub fn replay_audit(&self, dir: &Path) -> std::io::Result<usize> {
-        #[derive(Deserialize)]
-        struct Line<'a> {
-            #[serde(borrow)]
-            kind: std::borrow::Cow<'a, str>,
-            #[serde(borrow, default)]
-            agent: Option<std::borrow::Cow<'a, str>>,
-            #[serde(borrow, default)]
-            outcome_kind: Option<std::borrow::Cow<'a, str>>,
-        }
-        let files = match crate::audit::log_files(dir) {
-            Ok(files) => files,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        let mut lines = 0;
+    /// Learns the kinds the audit log holds; returns how many. Kinds past a
+    /// since-lowered limit stay known: they were accepted once.
+    pub fn restore(&self, standing: &crate::audit::standing::Standing) -> usize {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        for file in files {
-            let text = std::fs::read(&file)?;
-            for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                // Cheap test first: outcome lines are few.
-                if memchr::memmem::find(line, b"\"kind\":\"outcome\"").is_none() {
-                    continue;
-                }
-                let Ok(l) = serde_json::from_slice::<Line<'_>>(line) else {
-                    continue;
-                };
-                if let ("outcome", Some(agent), Some(kind)) =
-                    (l.kind.as_ref(), l.agent, l.outcome_kind)
-                {
-                    seen.entry(agent.into_owned())
-                        .or_default()
-                        .insert(kind.into_owned());
-                    lines += 1;
-                }
-            }
+        for (agent, kinds) in &standing.outcome_kinds {
+            seen.entry(agent.clone())
+                .or_default()
+                .extend(kinds.iter().cloned());
         }
-        Ok(lines)
+        seen.values().map(HashSet::len).sum()
     }
 }
 

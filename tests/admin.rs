@@ -847,3 +847,85 @@ async fn an_admin_records_outcomes_for_any_agent() {
         ]
     );
 }
+
+/// The ledger snapshot in `data`, once it covers line `seq`.
+async fn wait_for_snapshot(data: &Path, seq: u64) -> Value {
+    for _ in 0..250 {
+        if let Ok(bytes) = std::fs::read(data.join("ledger-snapshot.json")) {
+            let snapshot: Value = serde_json::from_slice(&bytes).unwrap();
+            if snapshot["seq"].as_u64().unwrap() >= seq {
+                return snapshot;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no snapshot up to seq {seq}");
+}
+
+#[tokio::test]
+async fn stops_pauses_and_outcome_kinds_come_back_from_the_snapshot_alone() {
+    let mock = Mock::start();
+    let data = tempfile::tempdir().unwrap();
+    let config = |interval: &str| {
+        let config = admin_config(&mock).replace(
+            "[upstream]",
+            &format!("[storage]\nsnapshot_interval = \"{interval}\"\n[upstream]"),
+        );
+        let config = with_storage(&config, data.path());
+        format!("{config}\n[outcomes]\nmax_kinds_per_agent = 1\n")
+    };
+    let proxy = start(&config("100ms"));
+    assert_eq!(chat_status(&proxy, KEY_A, Some("r1")).await, 200);
+    admin_ok(&proxy, "POST", "/admin/runs/r1/stop").await;
+    admin_ok(&proxy, "POST", "/admin/agents/agent-b/pause").await;
+    let outcome = |proxy: &Proxy, kind: &str| {
+        let url = proxy.url("/v1/outcomes");
+        let body = format!(r#"{{"kind":"{kind}"}}"#);
+        async move {
+            let auth = bearer(KEY_A);
+            post_json(&url, &[("authorization", auth.as_str())], &body)
+                .await
+                .0
+        }
+    };
+    assert_eq!(outcome(&proxy, "fixed").await, 201);
+    let lines = wait_for_line(data.path().join("audit").as_path(), |l| {
+        l["kind"] == "outcome"
+    })
+    .await;
+    let last = lines.last().unwrap()["seq"].as_u64().unwrap();
+    let snapshot = wait_for_snapshot(data.path(), last).await;
+    assert_eq!(
+        snapshot["standing"]["paused"],
+        serde_json::json!(["agent-b"])
+    );
+    let mut proxy = proxy;
+    std::process::Command::new("kill")
+        .args(["-9", &proxy.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    proxy.proc.child.wait().unwrap();
+
+    // The start reads no line of the log: all it restores is in the snapshot.
+    let proxy = start(&config("1h"));
+    proxy
+        .wait_for_log(
+            &format!("budgets rebuilt from snapshot at seq {last} plus 0 audit lines"),
+            1,
+        )
+        .await;
+    assert_eq!(
+        chat_status(&proxy, KEY_B, None).await,
+        403,
+        "agent-b paused"
+    );
+    assert_eq!(
+        chat_status(&proxy, KEY_A, Some("r1")).await,
+        403,
+        "r1 stopped"
+    );
+    assert_eq!(outcome(&proxy, "fixed").await, 201, "a kind it had");
+    assert_eq!(outcome(&proxy, "other").await, 422, "one kind at most");
+    let r1 = admin_ok(&proxy, "GET", "/admin/runs/r1").await;
+    assert_eq!(r1["runs"][0]["stopped"]["condition"], "admin");
+}

@@ -866,7 +866,7 @@ async fn a_restart_resumes_from_the_snapshot_plus_the_lines_after_it() {
     }
     wait_for_audit_lines_in(&data.path().join("audit"), 5).await;
     let snapshot = wait_for_snapshot(data.path(), 5).await;
-    assert_eq!(snapshot["version"], 1);
+    assert_eq!(snapshot["version"], 2);
     assert_eq!(snapshot["timezone"], "UTC");
     let lines = audit_lines_in(&data.path().join("audit"));
     assert_eq!(

@@ -9,7 +9,7 @@
 //!
 //! Pauses are kept in [`crate::guard::Switches`] and replayed from their admin lines at
 //! start; run stops and resumes are written as `run` lines, which
-//! [`crate::guard::runs::Runs::replay_audit`] replays.
+//! [`crate::guard::runs::Runs::restore`] restores (see [`crate::audit::standing`]).
 
 mod agents;
 pub mod auth;

@@ -14,6 +14,7 @@
 //! lines written so far, so that a start replays only the lines after it.
 
 mod restore;
+pub mod standing;
 pub mod verify;
 mod writer;
 
@@ -185,7 +186,11 @@ impl AuditLog {
             .snapshot
             .as_ref()
             .zip(restored.as_ref())
-            .map(|(s, r)| writer::Snapshots::new(s, r.aggregate.clone()));
+            .map(|(s, r)| {
+                let seq = r.aggregate.seq();
+                let stale = seq > 0 && r.snapshot_seq != Some(seq);
+                writer::Snapshots::new(s, r.aggregate.clone(), stale)
+            });
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 pending: Vec::new(),

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::standing::Fact;
 use super::{
     chain_hash, lock, log_files, AuditError, AuditSettings, Record, Shared, SnapshotSettings,
     GENESIS_HASH,
@@ -134,14 +135,16 @@ pub(super) struct Snapshots {
 }
 
 impl Snapshots {
-    /// Goes on from `aggregate`, the spend of the log as it is at start.
-    pub(super) fn new(settings: &SnapshotSettings, aggregate: Aggregate) -> Snapshots {
+    /// Goes on from `aggregate`, the log as it is at start; `stale` when the snapshot on
+    /// disk does not cover all of it (the start read lines past it, or had none), so the
+    /// next start need not read them again.
+    pub(super) fn new(settings: &SnapshotSettings, aggregate: Aggregate, stale: bool) -> Snapshots {
         Snapshots {
             aggregate,
             path: settings.path.clone(),
             interval: settings.interval,
             last: Instant::now(),
-            dirty: false,
+            dirty: stale,
         }
     }
 
@@ -154,6 +157,16 @@ impl Snapshots {
     /// Adds a batch that is on disk and ends with line `seq`, of hash `hash`.
     fn fold(&mut self, batch: &[Record], seq: u64, hash: &str) {
         for record in batch {
+            self.aggregate.note(&Fact {
+                kind: record.kind,
+                agent: record.agent.as_deref(),
+                run: record.run.as_deref(),
+                outcome: record.outcome,
+                reason: &record.reason,
+                detail: record.detail.as_deref(),
+                ts: &record.ts,
+                outcome_kind: record.outcome_kind.as_deref(),
+            });
             let Some(agent) = record.agent.as_deref() else {
                 continue;
             };

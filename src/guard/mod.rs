@@ -175,16 +175,6 @@ impl SwitchAction {
     }
 }
 
-/// The fields of an admin audit line that tell a pause or a resume.
-#[derive(serde::Deserialize)]
-struct SwitchLine {
-    kind: String,
-    outcome: String,
-    #[serde(default)]
-    reason: String,
-    agent: Option<String>,
-}
-
 impl Switches {
     /// Applies one admin action; returns whether it changed anything.
     pub fn apply(&self, action: SwitchAction, agent: Option<&str>) -> bool {
@@ -197,69 +187,36 @@ impl Switches {
         }
     }
 
-    /// Restores the switches from the admin lines of the audit log (`pause`, `resume`,
-    /// `pause_all`, `resume_all`, outcome `ok`), in order, so that a pause survives a
-    /// restart. Returns whether pause-all is on and how many agents are paused.
-    pub fn replay_audit(&self, dir: &std::path::Path) -> std::io::Result<(bool, usize)> {
-        let files = match crate::audit::log_files(dir) {
-            Ok(files) => files,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((false, 0)),
-            Err(e) => return Err(e),
-        };
-        for file in files {
-            let text = std::fs::read(&file)?;
-            for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                // Cheap test first: most lines are requests.
-                if memchr::memmem::find(line, b"\"kind\":\"admin\"").is_none() {
-                    continue;
-                }
-                let Ok(l) = serde_json::from_slice::<SwitchLine>(line) else {
-                    continue;
-                };
-                if l.kind != "admin" || l.outcome != "ok" {
-                    continue;
-                }
-                if let Some(action) = SwitchAction::parse(&l.reason) {
-                    self.apply(action, l.agent.as_deref());
-                }
-            }
+    /// Restores the pauses the audit log left on (`pause`, `resume`, `pause_all`,
+    /// `resume_all` admin lines), so that a pause survives a restart. Returns whether
+    /// pause-all is on and how many agents are paused.
+    pub fn restore(&self, standing: &crate::audit::standing::Standing) -> (bool, usize) {
+        self.set_all(standing.pause_all);
+        for agent in &standing.paused {
+            self.set_agent(agent, true);
         }
-        Ok((self.all_paused(), lock(&self.agents).len()))
+        (self.all_paused(), lock(&self.agents).len())
     }
 }
 
 #[cfg(test)]
 mod switch_tests {
     use super::*;
+    use crate::audit::standing::Standing;
 
     #[test]
-    fn the_last_admin_line_of_each_switch_wins() {
-        let dir = tempfile::tempdir().unwrap();
-        let line = |kind: &str, outcome: &str, reason: &str, agent: &str| {
-            format!(
-                "{{\"seq\":1,\"kind\":\"{kind}\",\"outcome\":\"{outcome}\",\"reason\":\"{reason}\",\"agent\":\"{agent}\"}}\n"
-            )
-        };
-        let text = [
-            line("admin", "ok", "pause", "a"),
-            line("admin", "ok", "pause", "b"),
-            line("admin", "ok", "resume", "a"),
-            line("admin", "ok", "pause_all", ""),
-            line("admin", "rejected", "unauthorized", ""),
-            line("admin", "ok", "resume_all", ""),
-            line("admin", "ok", "pause_all", ""),
-            line("request", "ok", "pause", "c"),
-            line("admin", "failed", "pause", "d"),
-        ]
-        .concat();
-        std::fs::write(dir.path().join("audit-00000000000000000001.jsonl"), text).unwrap();
+    fn pauses_are_restored_as_the_log_left_them() {
         let switches = Switches::default();
-        assert_eq!(switches.replay_audit(dir.path()).unwrap(), (true, 1));
-        assert_eq!(switches.paused_agents(), ["b"]);
+        switches.set_agent("stale", true);
+        let standing = Standing {
+            pause_all: true,
+            paused: ["b".to_owned()].into(),
+            ..Standing::default()
+        };
+        assert_eq!(switches.restore(&standing), (true, 2));
+        assert_eq!(switches.paused("b"), Some("all"));
         assert_eq!(
-            Switches::default()
-                .replay_audit(&dir.path().join("missing"))
-                .unwrap(),
+            Switches::default().restore(&Standing::default()),
             (false, 0)
         );
     }

@@ -738,69 +738,20 @@ impl Runs {
     }
 }
 
-/// The fields of an audit line that tell a run's stops and resumes.
-#[derive(serde::Deserialize)]
-struct RunLine {
-    kind: String,
-    agent: Option<String>,
-    run: Option<String>,
-    outcome: String,
-    ts: String,
-    #[serde(default)]
-    reason: String,
-    #[serde(default)]
-    detail: Option<String>,
-}
-
 impl Runs {
-    /// Restores the runs stopped (and not resumed since) from the audit log, so a stop
-    /// survives a restart. Returns how many runs are stopped.
-    pub fn replay_audit(&self, dir: &std::path::Path) -> std::io::Result<usize> {
-        let files = match crate::audit::log_files(dir) {
-            Ok(files) => files,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        let mut stopped: HashMap<(String, String), Option<(Crossed, String)>> = HashMap::new();
-        for file in files {
-            let text = std::fs::read(&file)?;
-            for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                // Cheap test first: most lines are requests.
-                if memchr::memmem::find(line, b"\"kind\":\"run\"").is_none() {
-                    continue;
-                }
-                let Ok(l) = serde_json::from_slice::<RunLine>(line) else {
-                    continue;
+    /// Restores the runs stopped (and not resumed since), as the audit log left them, so
+    /// a stop survives a restart. Returns how many runs are stopped.
+    pub fn restore(&self, standing: &crate::audit::standing::Standing) -> usize {
+        for (agent, runs) in &standing.stopped_runs {
+            for (run, stop) in runs {
+                let crossed = Crossed {
+                    condition: Condition::parse(&stop.condition).unwrap_or(Condition::Admin),
+                    message: stop.message.clone(),
                 };
-                let (Some(agent), Some(run)) = (l.agent, l.run) else {
-                    continue;
-                };
-                if l.kind != "run" {
-                    continue;
-                }
-                match l.outcome.as_str() {
-                    "stopped" => {
-                        let crossed = Crossed {
-                            condition: Condition::parse(&l.reason).unwrap_or(Condition::Admin),
-                            message: l.detail.unwrap_or_default(),
-                        };
-                        stopped.insert((agent, run), Some((crossed, l.ts)));
-                    }
-                    "resumed" => {
-                        stopped.insert((agent, run), None);
-                    }
-                    _ => {}
-                }
+                self.restore_stop(agent, run, crossed, stop.at.clone());
             }
         }
-        let mut count = 0;
-        for ((agent, run), stop) in stopped {
-            if let Some((crossed, at)) = stop {
-                self.restore_stop(&agent, &run, crossed, at);
-                count += 1;
-            }
-        }
-        Ok(count)
+        standing.stopped_count()
     }
 }
 

@@ -1,5 +1,7 @@
 //! The ledger's snapshot: the settled spend of every audit line up to one sequence
-//! number, so that a start replays only the lines written after it.
+//! number, and what else those lines leave standing (stopped runs, outcome kinds,
+//! pauses: [`crate::audit::standing`]), so that a start replays only the lines written
+//! after it.
 //!
 //! The ledger's own state cannot be snapshotted: it moves with settlements, which reach
 //! it before (or without) their audit line being durable, so it matches no point of the
@@ -17,7 +19,11 @@
 //! ```json
 //! {"version":1,"seq":42,"hash":"<hash of line 42>","timezone":"UTC",
 //!  "agents":{"support-bot":{"day":{"window":1764374400,"tokens":1234,"nanos":5600000},
-//!                           "total":{"window":0,"tokens":98765,"nanos":123400000}}}}
+//!                           "total":{"window":0,"tokens":98765,"nanos":123400000}}},
+//!  "standing":{"stopped_runs":{"support-bot":{"loop-7":{"condition":"max_repeats",
+//!              "message":"…","at":"2026-11-29T10:00:00.000Z"}}},
+//!              "outcome_kinds":{"support-bot":["ticket_resolved"]},
+//!              "pause_all":false,"paused":["batch-bot"]}}
 //! ```
 //!
 //! `window` is the start of the period's window in Unix seconds, `nanos` nano-dollars.
@@ -32,9 +38,10 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use super::{cached_window, usd_to_nanos, Amount, Period, Window, PERIODS};
+use crate::audit::standing::{Fact, Standing};
 
 /// The format written; a file of another version is ignored (the log is replayed whole).
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The snapshot's name in `storage.dir`.
 pub const FILE_NAME: &str = "ledger-snapshot.json";
 
@@ -95,6 +102,7 @@ pub struct Aggregate {
     /// The window of each period last seen: records come in time order (nearly), so the
     /// calendar arithmetic runs once per window, not once per record.
     windows: [Option<Window>; PERIODS],
+    standing: Standing,
 }
 
 /// The file's layout.
@@ -106,6 +114,7 @@ struct File {
     hash: String,
     timezone: String,
     agents: BTreeMap<String, BTreeMap<Period, WindowSpend>>,
+    standing: Standing,
 }
 
 /// Only the version, read first so that a later format is named as such rather than
@@ -126,6 +135,7 @@ impl Aggregate {
             hash: String::new(),
             agents: BTreeMap::new(),
             windows: [None; PERIODS],
+            standing: Standing::default(),
         }
     }
 
@@ -170,6 +180,16 @@ impl Aggregate {
         }
     }
 
+    /// Takes what a line leaves standing (a stop, an outcome kind, a pause).
+    pub fn note(&mut self, fact: &Fact<'_>) {
+        self.standing.fold(fact);
+    }
+
+    /// What the lines folded leave standing besides spend.
+    pub fn standing(&self) -> &Standing {
+        &self.standing
+    }
+
     /// Marks every line up to `seq` (whose hash is `hash`) as folded.
     pub fn advance(&mut self, seq: u64, hash: &str) {
         self.seq = seq;
@@ -203,6 +223,7 @@ impl Aggregate {
                     (agent.clone(), periods)
                 })
                 .collect(),
+            standing: self.standing.clone(),
         };
         // Plain data with string keys: serialising it cannot fail.
         serde_json::to_vec(&file).unwrap_or_default()
@@ -239,6 +260,7 @@ impl Aggregate {
             }
             aggregate.agents.insert(agent, slots);
         }
+        aggregate.standing = file.standing;
         Ok(aggregate)
     }
 }
@@ -262,7 +284,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// The spend-carrying fields of one audit line.
+/// The fields of one audit line that a start restores from: its spend, and what it
+/// leaves standing.
 #[derive(Debug, Deserialize)]
 pub struct AuditLine {
     pub seq: u64,
@@ -270,7 +293,19 @@ pub struct AuditLine {
     pub hash: String,
     #[serde(default)]
     pub ts: String,
+    #[serde(default)]
+    pub kind: String,
     pub agent: Option<String>,
+    #[serde(default)]
+    pub run: Option<String>,
+    #[serde(default)]
+    pub outcome: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub detail: Option<String>,
+    #[serde(default)]
+    pub outcome_kind: Option<String>,
     #[serde(default)]
     pub input_tokens: u64,
     #[serde(default)]
@@ -304,6 +339,16 @@ impl AuditLine {
         if let (Some(agent), Ok(at)) = (self.agent.as_deref(), self.ts.parse::<Timestamp>()) {
             aggregate.fold(agent, at, self.spend());
         }
+        aggregate.note(&Fact {
+            kind: &self.kind,
+            agent: self.agent.as_deref(),
+            run: self.run.as_deref(),
+            outcome: &self.outcome,
+            reason: &self.reason,
+            detail: self.detail.as_deref(),
+            ts: &self.ts,
+            outcome_kind: self.outcome_kind.as_deref(),
+        });
         aggregate.advance(self.seq, &self.hash);
     }
 }
@@ -375,10 +420,19 @@ mod tests {
         let mut a = Aggregate::new("Europe/Berlin", TimeZone::get("Europe/Berlin").unwrap());
         a.fold("a", at("2026-11-29T10:00:00Z"), tokens(5));
         a.fold("b", at("2026-11-29T10:00:00Z"), tokens(3));
+        a.note(&Fact {
+            kind: "admin",
+            agent: Some("b"),
+            outcome: "ok",
+            reason: "pause",
+            ..Fact::default()
+        });
         a.advance(42, "abc");
         let json = a.to_json();
         let b = Aggregate::from_json(&json, "Europe/Berlin", TimeZone::UTC).unwrap();
         assert_eq!((b.seq(), b.hash()), (42, "abc"));
+        assert_eq!(b.standing(), a.standing());
+        assert!(b.standing().paused.contains("b"));
         for agent in ["a", "b"] {
             for p in Period::ALL {
                 assert_eq!(a.spend(agent, p), b.spend(agent, p), "{agent} {p:?}");
@@ -392,13 +446,17 @@ mod tests {
             Aggregate::from_json(b"\x00garbage", "UTC", TimeZone::UTC),
             Err(SnapshotError::Unreadable(_))
         ));
-        let v2 = String::from_utf8(json)
-            .unwrap()
-            .replace("\"version\":1", "\"version\":2");
-        assert!(matches!(
-            Aggregate::from_json(v2.as_bytes(), "Europe/Berlin", TimeZone::UTC),
-            Err(SnapshotError::Version { found: 2 })
-        ));
+        // A later format, and the first (spend only, nothing standing): both replayed.
+        for other in [VERSION + 1, 1] {
+            let text = String::from_utf8(json.clone()).unwrap().replace(
+                &format!("\"version\":{VERSION}"),
+                &format!("\"version\":{other}"),
+            );
+            assert!(matches!(
+                Aggregate::from_json(text.as_bytes(), "Europe/Berlin", TimeZone::UTC),
+                Err(SnapshotError::Version { found }) if found == other
+            ));
+        }
     }
 
     #[test]

@@ -475,7 +475,7 @@ impl Settlement {
 pub enum RunEvent {
     Stopped,
     Warning,
-    /// An admin resumed the run; `Runs::replay_audit` forgets its stop from here on.
+    /// An admin resumed the run; a restart forgets its stop from here on.
     Resumed,
 }
 
