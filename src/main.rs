@@ -7,13 +7,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokenwarden::admin::reload::load_live;
 use tokenwarden::admin::Caller;
-use tokenwarden::audit::{self, AuditLog, AuditSettings, SnapshotSettings};
+use tokenwarden::audit;
 use tokenwarden::config::Config;
-use tokenwarden::ledger::redis::{RedisLedger, RedisSettings};
-use tokenwarden::ledger::{snapshot, Calendar, Ledger, SystemClock};
 use tokenwarden::proxy::AppState;
-use tokenwarden::secret::Secret;
-use tokenwarden::server::{self, Listeners};
+use tokenwarden::server;
+use tokenwarden::start;
 
 #[derive(Parser)]
 #[command(
@@ -228,21 +226,10 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The HMAC key of the audit log, if the config names one.
-fn audit_key(config: &Config) -> anyhow::Result<Option<Secret<Vec<u8>>>> {
-    match &config.audit.hmac_key_env {
-        None => Ok(None),
-        Some(env) => match std::env::var(env) {
-            Ok(key) if !key.is_empty() => Ok(Some(Secret::new(key.into_bytes()))),
-            _ => anyhow::bail!("audit.hmac_key_env: environment variable {env} is not set"),
-        },
-    }
-}
-
 fn audit_verify(paths: Vec<PathBuf>, config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path);
     let key = match &config {
-        Ok(config) => audit_key(config)?,
+        Ok(config) => start::audit_key(config, env_var)?,
         Err(_) => None,
     };
     let paths = if paths.is_empty() {
@@ -274,7 +261,7 @@ fn report(
 ) -> anyhow::Result<Done> {
     use tokenwarden::report;
     let config = Config::load(&config_path)?;
-    let key = audit_key(&config)?;
+    let key = start::audit_key(&config, env_var)?;
     let dir = config.storage.dir.join("audit");
     let options = report::Options {
         since,
@@ -325,68 +312,23 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
 async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
     // Reloads read the same file even if something changes the working directory.
     let path = std::path::absolute(&path).unwrap_or(path);
-    let live = load_live(&path)?;
     // Before the listening line: from then on a SIGHUP must reload, never kill.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot listen for SIGHUP")?;
-    let metrics = Arc::new(tokenwarden::metrics::Metrics::new()?);
-    let timezone = live.config.budgets.timezone.clone();
-    let tz = jiff::tz::TimeZone::get(&timezone)?;
-    let (audit, restored) = AuditLog::open_restoring(
-        AuditSettings {
-            dir: live.config.storage.dir.join("audit"),
-            max_file_bytes: live.config.audit.max_file_bytes,
-            commit_interval: live.config.audit.commit_interval,
-            hmac_key: audit_key(&live.config)?,
-            snapshot: Some(SnapshotSettings {
-                path: live.config.storage.dir.join(snapshot::FILE_NAME),
-                interval: live.config.storage.snapshot_interval,
-                timezone,
-                tz: tz.clone(),
-            }),
-        },
-        metrics.audit_records.clone(),
-        metrics.audit_write_errors.clone(),
-    )?;
-    let audit = Arc::new(audit);
-    let ledger = Ledger::new(tz.clone(), Arc::new(SystemClock));
-    if let Some(restored) = restored {
-        live.policies.restore(&ledger, &restored.aggregate);
-        match restored.snapshot_seq {
-            Some(seq) => tracing::info!(
-                "budgets rebuilt from snapshot at seq {seq} plus {} audit lines",
-                restored.lines
-            ),
-            None => tracing::info!(
-                "budgets rebuilt from the audit log ({} lines)",
-                restored.lines
-            ),
-        }
-    }
-    let listeners = Listeners::bind(&live.config.server.listen, &live.config.admin.listen).await?;
-    let scheme = if live.config.server.tls.is_some() {
+    let started = start::start(&path, env_var).await?;
+    let scheme = if started.state.live.load().config.server.tls.is_some() {
         "https"
     } else {
         "http"
     };
     say(&format!(
         "tokenwarden listening on {scheme}://{} (admin http://{})",
-        listeners.proxy.local_addr()?,
-        listeners.admin.local_addr()?
+        started.listeners.proxy.local_addr()?,
+        started.listeners.admin.local_addr()?
     ));
-    let redis = redis_ledger(&live.config, &tz)?;
-    let state = Arc::new(AppState::new(live, metrics, audit, ledger, redis).with_config_path(path));
-    let audit_dir = state.live.load().config.storage.dir.join("audit");
-    let stopped = state.runs.replay_audit(&audit_dir)?;
-    tracing::info!(stopped, "stopped runs restored from the audit log");
-    let outcomes = state
-        .outcome_kinds
-        .replay_audit(&state.live.load().config.storage.dir.join("audit"))?;
-    tracing::info!(outcomes, "outcome kinds restored from the audit log");
-    let (pause_all, paused) = state.switches.replay_audit(&audit_dir)?;
-    tracing::info!(pause_all, paused, "pauses restored from the audit log");
+    let state = Arc::new(started.state.with_config_path(path));
     tokio::select! {
-        served = server::run(state.clone(), listeners, shutdown_signal()) => served?,
+        served = server::run(state.clone(), started.listeners, shutdown_signal()) => served?,
         never = reload_on_hangup(&state, hangup) => match never {},
     }
     if let Some(redis) = &state.redis {
@@ -395,30 +337,9 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
     Ok(state)
 }
 
-/// The Redis store, when `storage.redis_url` is set.
-fn redis_ledger(
-    config: &Config,
-    tz: &jiff::tz::TimeZone,
-) -> anyhow::Result<Option<Arc<RedisLedger>>> {
-    let Some(url) = &config.storage.redis_url else {
-        return Ok(None);
-    };
-    let password = match &config.storage.redis_password_env {
-        None => None,
-        Some(env) => Some(
-            std::env::var(env)
-                .map_err(|_| anyhow::anyhow!("storage.redis_password_env: {env} is not set"))?,
-        ),
-    };
-    let settings = RedisSettings {
-        url: url.clone(),
-        password,
-        timeout: config.storage.redis_timeout,
-        // A hold lasts as long as its request may, plus time to settle it.
-        hold: config.upstream.total_timeout + std::time::Duration::from_secs(30),
-    };
-    let calendar = Calendar::new(tz.clone(), Arc::new(SystemClock));
-    Ok(Some(RedisLedger::connect(&settings, calendar)?))
+/// Reads an environment variable a config names.
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
 }
 
 /// Reloads the config on every SIGHUP, for as long as the server runs. A config that
