@@ -64,6 +64,18 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
         format: ReportFormat,
     },
+    /// See it work in a few seconds, with no API key and no network: a mock provider,
+    /// the proxy and two simulated agents, one of them a runaway loop the proxy stops;
+    /// then the report on what happened.
+    Demo {
+        /// Keep the demo's config and audit log in this new or empty directory (default:
+        /// a fresh directory under the system's temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// After the report, keep the proxy and the mock serving until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
+    },
     /// Run the scriptable mock provider (for tests, benchmarks and trying things out).
     Mock {
         #[arg(long, default_value = "127.0.0.1:8000")]
@@ -145,10 +157,16 @@ fn run(cli: Cli) -> anyhow::Result<Done> {
 }
 
 fn run_other(cli: Cli) -> anyhow::Result<()> {
+    // The demo tells its story on stdout; the access log and the proxy's warnings about
+    // the stop it provokes would drown it.
+    let level = match cli.command {
+        Command::Demo { .. } => "error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -182,6 +200,21 @@ fn run_other(cli: Cli) -> anyhow::Result<()> {
         }
         // Taken by `run` before the log subscriber is set up.
         Command::Report { .. } => Ok(()),
+        Command::Demo { dir, keep_running } => {
+            let options = tokenwarden::demo::Options {
+                dir,
+                keep_running,
+                program: program_name(),
+            };
+            let runtime = runtime()?;
+            let state =
+                runtime.block_on(tokenwarden::demo::run(&options, &say, shutdown_signal()))?;
+            // As after `serve`: settle what is left, then write the last audit lines.
+            drop(runtime);
+            state.settler.close();
+            state.audit.close();
+            Ok(())
+        }
         Command::Mock { listen, no_record } => runtime()?.block_on(async move {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
@@ -197,6 +230,15 @@ fn run_other(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
     }
+}
+
+/// This program as the user started it, for commands a message suggests: the path when
+/// it was started by one (`target/release/tokenwarden`), else its name.
+fn program_name() -> String {
+    std::env::args()
+        .next()
+        .filter(|p| p.contains('/'))
+        .unwrap_or_else(|| "tokenwarden".to_owned())
 }
 
 /// Writes a line for the person (or test) that started the command.
