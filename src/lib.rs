@@ -19,16 +19,18 @@
 //! ([`proxy::outcomes`], recorded by [`outcomes`]). [`report`] reads the audit log back
 //! for `tokenwarden report`: cost per outcome, redundancy, stopped runs.
 //!
-//! [`config`] turns the TOML file into a validated [`config::Config`]; [`admin`] serves
-//! metrics and health on its own listener, and behind a bearer token the admin API
-//! (agents, runs, pauses, config reload); [`mock`] is a scriptable provider for tests,
-//! benchmarks and the demo.
+//! [`config`] turns the TOML file into a validated [`config::Config`]; [`start`] builds a
+//! proxy ready to serve from it; [`admin`] serves metrics and health on its own listener,
+//! and behind a bearer token the admin API (agents, runs, pauses, config reload);
+//! [`mock`] is a scriptable provider for tests, benchmarks and [`demo`], which runs mock,
+//! proxy and two simulated agents in one process for a first look.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod demo;
 pub mod guard;
 pub mod identity;
 pub mod ledger;
@@ -42,3 +44,4 @@ pub mod report;
 pub mod secret;
 pub mod server;
 pub mod sse;
+pub mod start;

@@ -5,16 +5,13 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tokenwarden::admin::overview::Overview;
 use tokenwarden::admin::reload::load_live;
 use tokenwarden::admin::Caller;
-use tokenwarden::audit::{self, AuditLog, AuditSettings, SnapshotSettings};
+use tokenwarden::audit;
 use tokenwarden::config::Config;
-use tokenwarden::ledger::redis::{RedisLedger, RedisSettings};
-use tokenwarden::ledger::{snapshot, Calendar, Ledger, SystemClock};
 use tokenwarden::proxy::AppState;
-use tokenwarden::secret::Secret;
-use tokenwarden::server::{self, Listeners};
+use tokenwarden::server;
+use tokenwarden::start;
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +63,18 @@ enum Command {
         team: Vec<String>,
         #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
         format: ReportFormat,
+    },
+    /// See it work in a few seconds, with no API key and no network: a mock provider,
+    /// the proxy and two simulated agents, one of them a runaway loop the proxy stops;
+    /// then the report on what happened.
+    Demo {
+        /// Keep the demo's config and audit log in this new or empty directory (default:
+        /// a fresh directory under the system's temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// After the report, keep the proxy and the mock serving until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
     },
     /// Run the scriptable mock provider (for tests, benchmarks and trying things out).
     Mock {
@@ -148,10 +157,16 @@ fn run(cli: Cli) -> anyhow::Result<Done> {
 }
 
 fn run_other(cli: Cli) -> anyhow::Result<()> {
+    // The demo tells its story on stdout; the access log and the proxy's warnings about
+    // the stop it provokes would drown it.
+    let level = match cli.command {
+        Command::Demo { .. } => "error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -185,6 +200,21 @@ fn run_other(cli: Cli) -> anyhow::Result<()> {
         }
         // Taken by `run` before the log subscriber is set up.
         Command::Report { .. } => Ok(()),
+        Command::Demo { dir, keep_running } => {
+            let options = tokenwarden::demo::Options {
+                dir,
+                keep_running,
+                program: program_name(),
+            };
+            let runtime = runtime()?;
+            let state =
+                runtime.block_on(tokenwarden::demo::run(&options, &say, shutdown_signal()))?;
+            // As after `serve`: settle what is left, then write the last audit lines.
+            drop(runtime);
+            state.settler.close();
+            state.audit.close();
+            Ok(())
+        }
         Command::Mock { listen, no_record } => runtime()?.block_on(async move {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
@@ -200,6 +230,15 @@ fn run_other(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
     }
+}
+
+/// This program as the user started it, for commands a message suggests: the path when
+/// it was started by one (`target/release/tokenwarden`), else its name.
+fn program_name() -> String {
+    std::env::args()
+        .next()
+        .filter(|p| p.contains('/'))
+        .unwrap_or_else(|| "tokenwarden".to_owned())
 }
 
 /// Writes a line for the person (or test) that started the command.
@@ -229,21 +268,10 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The HMAC key of the audit log, if the config names one.
-fn audit_key(config: &Config) -> anyhow::Result<Option<Secret<Vec<u8>>>> {
-    match &config.audit.hmac_key_env {
-        None => Ok(None),
-        Some(env) => match std::env::var(env) {
-            Ok(key) if !key.is_empty() => Ok(Some(Secret::new(key.into_bytes()))),
-            _ => anyhow::bail!("audit.hmac_key_env: environment variable {env} is not set"),
-        },
-    }
-}
-
 fn audit_verify(paths: Vec<PathBuf>, config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path);
     let key = match &config {
-        Ok(config) => audit_key(config)?,
+        Ok(config) => start::audit_key(config, env_var)?,
         Err(_) => None,
     };
     let paths = if paths.is_empty() {
@@ -275,7 +303,7 @@ fn report(
 ) -> anyhow::Result<Done> {
     use tokenwarden::report;
     let config = Config::load(&config_path)?;
-    let key = audit_key(&config)?;
+    let key = start::audit_key(&config, env_var)?;
     let dir = config.storage.dir.join("audit");
     let options = report::Options {
         since,
@@ -326,84 +354,23 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
 async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
     // Reloads read the same file even if something changes the working directory.
     let path = std::path::absolute(&path).unwrap_or(path);
-    let live = load_live(&path)?;
     // Before the listening line: from then on a SIGHUP must reload, never kill.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot listen for SIGHUP")?;
-    let metrics = Arc::new(tokenwarden::metrics::Metrics::new()?);
-    let timezone = live.config.budgets.timezone.clone();
-    let tz = jiff::tz::TimeZone::get(&timezone)?;
-    let (audit, restored) = AuditLog::open_restoring(
-        AuditSettings {
-            dir: live.config.storage.dir.join("audit"),
-            max_file_bytes: live.config.audit.max_file_bytes,
-            commit_interval: live.config.audit.commit_interval,
-            hmac_key: audit_key(&live.config)?,
-            snapshot: Some(SnapshotSettings {
-                path: live.config.storage.dir.join(snapshot::FILE_NAME),
-                interval: live.config.storage.snapshot_interval,
-                timezone,
-                tz: tz.clone(),
-            }),
-        },
-        metrics.audit_records.clone(),
-        metrics.audit_write_errors.clone(),
-    )?;
-    let audit = Arc::new(audit);
-    let ledger = Ledger::new(tz.clone(), Arc::new(SystemClock));
-    if let Some(restored) = &restored {
-        live.policies.restore(&ledger, &restored.aggregate);
-        match restored.snapshot_seq {
-            Some(seq) => tracing::info!(
-                "budgets rebuilt from snapshot at seq {seq} plus {} audit lines",
-                restored.lines
-            ),
-            None => tracing::info!(
-                "budgets rebuilt from the audit log ({} lines)",
-                restored.lines
-            ),
-        }
-    }
-    let listeners = Listeners::bind(&live.config.server.listen, &live.config.admin.listen).await?;
-    let scheme = if live.config.server.tls.is_some() {
+    let started = start::start(&path, env_var).await?;
+    let scheme = if started.state.live.load().config.server.tls.is_some() {
         "https"
     } else {
         "http"
     };
     say(&format!(
         "tokenwarden listening on {scheme}://{} (admin http://{})",
-        listeners.proxy.local_addr()?,
-        listeners.admin.local_addr()?
+        started.listeners.proxy.local_addr()?,
+        started.listeners.admin.local_addr()?
     ));
-    let redis = redis_ledger(&live.config, &tz)?;
-    let audit_dir = live.config.storage.dir.join("audit");
-    let overview = Overview::new(
-        audit_dir,
-        audit_key(&live.config)?
-            .as_ref()
-            .map(|k| k.expose().as_slice()),
-        live.config.insights.redundancy_window,
-    );
-    let state = Arc::new(
-        AppState::new(live, metrics, audit, ledger, redis)
-            .with_config_path(path)
-            .with_overview(overview),
-    );
-    if let Some(restored) = &restored {
-        let standing = restored.aggregate.standing();
-        let stopped = state.runs.restore(standing);
-        let kinds = state.outcome_kinds.restore(standing);
-        let (pause_all, paused) = state.switches.restore(standing);
-        tracing::info!(
-            stopped,
-            kinds,
-            pause_all,
-            paused,
-            "stopped runs, outcome kinds and pauses restored"
-        );
-    }
+    let state = Arc::new(started.state.with_config_path(path));
     tokio::select! {
-        served = server::run(state.clone(), listeners, shutdown_signal()) => served?,
+        served = server::run(state.clone(), started.listeners, shutdown_signal()) => served?,
         never = reload_on_hangup(&state, hangup) => match never {},
     }
     if let Some(redis) = &state.redis {
@@ -412,30 +379,9 @@ async fn serve(path: PathBuf) -> anyhow::Result<Arc<AppState>> {
     Ok(state)
 }
 
-/// The Redis store, when `storage.redis_url` is set.
-fn redis_ledger(
-    config: &Config,
-    tz: &jiff::tz::TimeZone,
-) -> anyhow::Result<Option<Arc<RedisLedger>>> {
-    let Some(url) = &config.storage.redis_url else {
-        return Ok(None);
-    };
-    let password = match &config.storage.redis_password_env {
-        None => None,
-        Some(env) => Some(
-            std::env::var(env)
-                .map_err(|_| anyhow::anyhow!("storage.redis_password_env: {env} is not set"))?,
-        ),
-    };
-    let settings = RedisSettings {
-        url: url.clone(),
-        password,
-        timeout: config.storage.redis_timeout,
-        // A hold lasts as long as its request may, plus time to settle it.
-        hold: config.upstream.total_timeout + std::time::Duration::from_secs(30),
-    };
-    let calendar = Calendar::new(tz.clone(), Arc::new(SystemClock));
-    Ok(Some(RedisLedger::connect(&settings, calendar)?))
+/// Reads an environment variable a config names.
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
 }
 
 /// Reloads the config on every SIGHUP, for as long as the server runs. A config that

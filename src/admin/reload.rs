@@ -16,8 +16,18 @@ use crate::proxy::{AppState, Live};
 
 /// Reads, validates and builds one version of the config. Used at start and by reloads.
 pub fn load_live(path: &Path) -> anyhow::Result<Live> {
+    load_live_with(path, |name| std::env::var(name).ok())
+}
+
+/// [`load_live`], reading the environment variables the config names through
+/// `lookup_env` (the demo hands its generated admin token in this way, not through the
+/// process environment).
+pub fn load_live_with(
+    path: &Path,
+    lookup_env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Live> {
     let config = Config::load(path)?;
-    let live = Live::new(config, |name| std::env::var(name).ok())?;
+    let live = Live::new(config, lookup_env)?;
     for provider in live.router.providers() {
         if let Err(env) = provider.credential() {
             tracing::warn!(

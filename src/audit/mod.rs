@@ -128,11 +128,16 @@ struct Queue {
     closing: bool,
     /// The writer has stopped: nothing appended now would be written.
     closed: bool,
+    /// Records queued since the log was opened, and how many of them are on disk.
+    appended: u64,
+    written: u64,
 }
 
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Signalled when a batch is on disk, and when the writer stops.
+    flushed: Condvar,
     /// The last write succeeded.
     healthy: AtomicBool,
     last_error: Mutex<Option<String>>,
@@ -196,8 +201,11 @@ impl AuditLog {
                 pending: Vec::new(),
                 closing: false,
                 closed: false,
+                appended: 0,
+                written: 0,
             }),
             wake: Condvar::new(),
+            flushed: Condvar::new(),
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(None),
             records_total,
@@ -229,6 +237,7 @@ impl AuditLog {
             return;
         }
         queue.pending.push(record);
+        queue.appended += 1;
         drop(queue);
         self.shared.wake.notify_one();
     }
@@ -244,6 +253,28 @@ impl AuditLog {
             return Err(format!("{MAX_QUEUED} records waiting to be written"));
         }
         Ok(())
+    }
+
+    /// Waits until every record queued before the call is written and fsynced, at most
+    /// `timeout`; false if some are not (the writer is failing, stopped or slower). For a
+    /// reader of the log in the same process, such as the demo's report; requests never
+    /// wait on it.
+    pub fn flush(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut queue = lock(&self.shared.queue);
+        let target = queue.appended;
+        while queue.written < target && !queue.closed {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            queue = self
+                .shared
+                .flushed
+                .wait_timeout(queue, left)
+                .map_or_else(|poisoned| poisoned.into_inner().0, |(q, _)| q);
+        }
+        queue.written >= target
     }
 
     /// Writes everything queued and stops the writer. Call it after the last request has
@@ -440,6 +471,31 @@ mod tests {
         assert!(verify::verify(&paths, Some(b"secret")).is_ok());
         assert!(verify::verify(&paths, None).is_err());
         assert!(verify::verify(&paths, Some(b"wrong")).is_err());
+    }
+
+    #[test]
+    fn flush_waits_for_what_was_queued_and_gives_up_at_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), DEFAULT_MAX_FILE_BYTES, None);
+        assert!(log.flush(std::time::Duration::ZERO), "nothing queued");
+        for i in 0..50 {
+            log.append(record(i));
+        }
+        assert!(log.flush(std::time::Duration::from_secs(10)));
+        // On disk and readable while the log stays open.
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 50);
+        log.close();
+
+        // A writer that cannot write: the wait ends at the timeout, saying so.
+        let blocker = dir.path().join("audit-000000000051.jsonl");
+        let log = open(dir.path(), 1, None);
+        std::fs::create_dir(&blocker).unwrap();
+        log.append(record(50));
+        assert!(!log.flush(std::time::Duration::from_millis(100)));
+        std::fs::remove_dir(&blocker).unwrap();
+        assert!(log.flush(std::time::Duration::from_secs(10)));
+        log.close();
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 51);
     }
 
     #[test]

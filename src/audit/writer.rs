@@ -258,6 +258,7 @@ pub(super) fn run(
                 // Marked under the lock: nothing can be appended after the last batch.
                 queue.closed = true;
                 drop(queue);
+                shared.flushed.notify_all();
                 // The last snapshot covers the whole log: the next start replays nothing.
                 if let Some(snapshots) = snapshots.as_mut() {
                     snapshots.write_if_dirty();
@@ -297,6 +298,7 @@ pub(super) fn run(
                             "giving up on the audit log at shutdown"
                         );
                         lock(&shared.queue).closed = true;
+                        shared.flushed.notify_all();
                         // Still exact: it holds no line of the batch that failed.
                         if let Some(snapshots) = snapshots.as_mut() {
                             snapshots.write_if_dirty();
@@ -310,6 +312,8 @@ pub(super) fn run(
         state.seq += lines.len() as u64;
         state.prev = prev;
         shared.records_total.inc_by(batch.len() as u64);
+        lock(&shared.queue).written += batch.len() as u64;
+        shared.flushed.notify_all();
         if !shared.healthy.swap(true, Ordering::AcqRel) {
             tracing::info!("the audit log is writable again");
             *lock(&shared.last_error) = None;
