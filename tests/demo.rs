@@ -214,6 +214,23 @@ async fn keep_running_serves_until_interrupted_and_leaves_a_sound_log() {
         .unwrap()
         .iter()
         .any(|r| r["id"] == "fix-nightly-build" && r["state"] == "stopped"));
+    // The dashboard link carries the same token (in the fragment, which no server sees),
+    // and the overview it reads shows the stopped run and the outcomes.
+    let dashboard = after(&text, "dashboard");
+    let (page, fragment) = dashboard.split_once('#').unwrap();
+    assert_eq!(fragment, format!("token={token}"));
+    let (status, _, _) = common::get(page, &[]).await;
+    assert_eq!(status, 200);
+    let overview_url = page.replace("/dashboard", "/admin/overview");
+    let (status, _, body) = common::get(&overview_url, &[("authorization", &auth)]).await;
+    assert_eq!(status, 200);
+    let overview: Value = serde_json::from_slice(&body).unwrap();
+    let support = &overview["insights"]["agents"]["support-bot"];
+    assert_eq!(support["outcomes"]["ticket_resolved"], 3);
+    assert_eq!(
+        overview["insights"]["agents"]["runaway-loop"]["runs_stopped"]["max_tokens"],
+        1
+    );
 
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])

@@ -175,7 +175,7 @@ async fn show(
     if options.keep_running {
         out(&format!(
             "Still serving; Ctrl-C stops the proxy and the mock.\n  \
-             dashboard  http://{admin}/dashboard\n  \
+             dashboard  http://{admin}/dashboard#token={token}\n  \
              metrics    http://{admin}/metrics\n  \
              admin API  curl -H 'authorization: Bearer {token}' http://{admin}/admin/runs\n  \
              a call     curl -s http://{proxy}/openai/v1/chat/completions \
