@@ -929,3 +929,29 @@ async fn stops_pauses_and_outcome_kinds_come_back_from_the_snapshot_alone() {
     let r1 = admin_ok(&proxy, "GET", "/admin/runs/r1").await;
     assert_eq!(r1["runs"][0]["stopped"]["condition"], "admin");
 }
+
+#[tokio::test]
+async fn the_overview_lists_the_runs_that_need_a_look_first() {
+    let mock = Mock::start();
+    let proxy = start(&admin_config(&mock));
+    for i in 0..102 {
+        assert_eq!(
+            chat_status(&proxy, KEY_A, Some(&format!("run-{i}"))).await,
+            200
+        );
+    }
+    admin_ok(&proxy, "POST", "/admin/runs/run-0/stop").await;
+    // Every line before it is on disk once the stop's admin line is.
+    wait_for_line(&audit_dir(&proxy), |l| l["reason"] == "stop_run").await;
+    let overview = admin_ok(&proxy, "GET", "/admin/overview").await;
+    assert_eq!(overview["runs_total"], 102);
+    let runs = overview["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 100);
+    assert_eq!(runs[0]["id"], "run-0", "the stopped run first");
+    assert_eq!(runs[0]["state"], "stopped");
+    // Then the most recently active: the oldest idle run is the one left out.
+    assert_eq!(runs[1]["id"], "run-101");
+    assert!(runs.iter().all(|r| r["id"] != "run-1"));
+    assert_eq!(overview["insights"]["agents"]["agent-a"]["requests"], 102);
+    assert_eq!(overview["insights"]["chain"]["ok"], true);
+}

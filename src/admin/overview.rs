@@ -14,7 +14,6 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use super::agents::list_agents;
-use super::runs::list_runs;
 use super::{AdminError, Done};
 use crate::proxy::{AppState, Live};
 use crate::report::live::Tail;
@@ -95,9 +94,25 @@ impl Overview {
     }
 }
 
+/// Runs listed in an overview: those that need a look first (stopped, then running, then
+/// the most recent idle ones). `/admin/runs` lists them all.
+pub const MAX_RUNS: usize = 100;
+
 pub(super) async fn overview(state: &AppState, live: &Live) -> Result<Done, AdminError> {
     let agents = list_agents(state, live).await?;
-    let runs = list_runs(state, live, None)?;
+    let mut runs = state.runs.list(None);
+    let runs_total = runs.len();
+    let rank = |state: &str| match state {
+        "stopped" => 0,
+        "running" => 1,
+        _ => 2,
+    };
+    runs.sort_by(|a, b| {
+        rank(a.state)
+            .cmp(&rank(b.state))
+            .then_with(|| a.idle_seconds.total_cmp(&b.idle_seconds))
+    });
+    runs.truncate(MAX_RUNS);
     let (insights, insights_error) = match state.overview.insights().await {
         Ok(report) => (report, None),
         Err(e) => {
@@ -111,7 +126,8 @@ pub(super) async fn overview(state: &AppState, live: &Live) -> Result<Done, Admi
             "generated_at": crate::audit::now_rfc3339(),
             "pause_all": state.switches.all_paused(),
             "agents": agents.body["agents"],
-            "runs": runs.body["runs"],
+            "runs": runs,
+            "runs_total": runs_total,
             "insights": insights,
             "insights_error": insights_error,
         }),

@@ -28,6 +28,8 @@ pub struct Tail {
     findings: Findings,
     aggregator: Aggregator,
     at: Option<Position>,
+    /// Bytes read at a time ([`CHUNK_BYTES`]; smaller in tests, to cut lines in two).
+    chunk: usize,
 }
 
 impl Tail {
@@ -40,6 +42,7 @@ impl Tail {
             findings: Findings::default(),
             aggregator: Aggregator::new(options),
             at: None,
+            chunk: CHUNK_BYTES,
         }
     }
 
@@ -64,11 +67,35 @@ impl Tail {
                     lines: 0,
                 });
             }
-            let bytes = read_from(file, offset)?;
             let last_file = i + 1 == files.len();
-            self.take(file, &bytes, last_file);
+            self.read_file(file, offset, last_file)?;
         }
         Ok(())
+    }
+
+    /// Reads `file` from `offset` to its end, a bounded chunk at a time, taking its
+    /// whole lines.
+    fn read_file(&mut self, file: &Path, offset: u64, last_file: bool) -> Result<(), ReportError> {
+        let failed = |source| ReportError::Read {
+            file: file.to_path_buf(),
+            source,
+        };
+        let mut f = std::fs::File::open(file).map_err(failed)?;
+        f.seek(SeekFrom::Start(offset)).map_err(failed)?;
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            // What is left of the last chunk (a line cut in two) goes first.
+            let kept = buf.len();
+            buf.resize(kept + self.chunk, 0);
+            let n = f.read(&mut buf[kept..]).map_err(failed)?;
+            buf.truncate(kept + n);
+            let end = n == 0;
+            let taken = self.take(file, &buf, last_file, end);
+            buf.drain(..taken);
+            if end {
+                return Ok(());
+            }
+        }
     }
 
     /// The figures of every line read so far, as of `now`.
@@ -76,15 +103,17 @@ impl Tail {
         self.aggregator.report(&self.findings, now)
     }
 
-    /// Takes the whole lines of `bytes` (read from the current position of `file`); a
-    /// rest without a newline is taken as a torn line only when `file` is not the last.
-    fn take(&mut self, file: &Path, bytes: &[u8], last_file: bool) {
+    /// Takes the whole lines of `bytes` (read from the current position of `file`) and
+    /// returns how many bytes it took. At the file's `end`, a rest without a newline is
+    /// taken as a torn line unless the file is the log's last (`being_written`): then it
+    /// is a line being written, left for the next refresh.
+    fn take(&mut self, file: &Path, bytes: &[u8], being_written: bool, end: bool) -> usize {
         let whole = bytes
             .iter()
             .rposition(|&b| b == b'\n')
             .map_or(0, |newline| newline + 1);
         let Some(at) = self.at.as_mut() else {
-            return;
+            return 0;
         };
         let aggregator = &mut self.aggregator;
         let mut each = |line: &super::scan::Line<'_>| aggregator.add(line);
@@ -105,29 +134,20 @@ impl Tail {
         // `split` yields an empty piece after the last newline.
         at.lines = at.lines.saturating_sub(1);
         at.offset += whole as u64;
-        if whole < bytes.len() && !last_file {
+        if end && whole < bytes.len() && !being_written {
             let why = "torn last line (no newline)";
             at.lines += 1;
             self.findings.malformed(file, at.lines, why);
             self.findings.chain_error(file, at.lines, why);
-            at.offset = (at.offset).saturating_add((bytes.len() - whole) as u64);
+            at.offset += (bytes.len() - whole) as u64;
+            return bytes.len();
         }
+        whole
     }
 }
 
-fn read_from(file: &Path, offset: u64) -> Result<Vec<u8>, ReportError> {
-    let read = |file: &Path| -> std::io::Result<Vec<u8>> {
-        let mut f = std::fs::File::open(file)?;
-        f.seek(SeekFrom::Start(offset))?;
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes)?;
-        Ok(bytes)
-    };
-    read(file).map_err(|source| ReportError::Read {
-        file: file.to_path_buf(),
-        source,
-    })
-}
+/// Bytes read at a time: the reader's memory stays bounded however large the files.
+const CHUNK_BYTES: usize = 4 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -199,6 +219,8 @@ mod tests {
         // Small files: the lines below span several rotations.
         let log = open(dir.path(), 600);
         let mut tail = Tail::new(dir.path().to_path_buf(), None, options());
+        // Reads smaller than a line: every line is cut across reads.
+        tail.chunk = 97;
         tail.refresh().unwrap();
         assert_eq!(tail.report(SystemTime::now()).chain.records, 0);
 

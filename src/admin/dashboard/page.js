@@ -126,7 +126,7 @@
     else chain.replaceChildren();
     const figures = (report && report.agents) || {};
     drawAgents(data.agents, figures);
-    drawRuns(data.runs);
+    drawRuns(data.runs, data.runs_total);
     drawSpend(report);
     drawGrowth(report ? report.context_growth : []);
     drawTeams(report ? report.teams : {});
@@ -177,9 +177,12 @@
     fill($("agents").tBodies[0], rows, "No agents configured.", 11);
   }
 
-  function drawRuns(runs) {
-    const order = { stopped: 0, active: 1 };
-    runs.sort((a, b) => (order[a.state] ?? 2) - (order[b.state] ?? 2) || b.started_at.localeCompare(a.started_at));
+  function drawRuns(runs, total) {
+    const order = { stopped: 0, running: 1, idle: 2 };
+    runs.sort((a, b) => (order[a.state] ?? 3) - (order[b.state] ?? 3) || a.idle_seconds - b.idle_seconds);
+    $("runs-note").textContent = total > runs.length
+      ? "The " + runs.length + " of " + int(total) + " runs that need a look first (stopped, running, most recent); GET /admin/runs lists them all."
+      : "";
     const rows = runs.map((r) => {
       const stopped = !!r.stopped;
       const button = actionButton(stopped ? "Resume" : "Stop", !stopped,
