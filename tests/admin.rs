@@ -770,6 +770,15 @@ async fn in_redis_mode_agents_show_the_shared_budget() {
     assert!(body["error"]["message"].as_str().unwrap().contains("Redis"));
     admin_ok(&proxy, "POST", "/admin/agents/agent-b/pause").await;
     assert_eq!(chat_status(&proxy, KEY_B, None).await, 403);
+    // The dashboard's overview still answers, without budgets and saying why.
+    let overview = admin_ok(&proxy, "GET", "/admin/overview").await;
+    assert!(overview["budgets_error"]
+        .as_str()
+        .unwrap()
+        .contains("Redis"));
+    assert_eq!(overview["agents"][0]["budgets"], serde_json::json!([]));
+    assert_eq!(overview["agents"][1]["state"], "paused");
+    assert_eq!(overview["insights"]["chain"]["ok"], true);
 }
 
 #[tokio::test]

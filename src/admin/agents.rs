@@ -63,26 +63,53 @@ fn paused_by(state: &AppState, agent: &str) -> Vec<&'static str> {
 }
 
 pub(super) async fn list_agents(state: &AppState, live: &Live) -> Result<Done, AdminError> {
-    let limits = live.policies.all_limits();
-    let accounts = accounts(state, &limits).await.map_err(AdminError::Store)?;
+    let accounts = budget_accounts(state, live)
+        .await
+        .map_err(AdminError::Store)?;
+    let agents = agent_views(state, live, Some(&accounts));
+    Ok(Done {
+        detail: format!("listed {} agents", agents.len()),
+        body: json!({ "pause_all": state.switches.all_paused(), "agents": agents }),
+        agent: None,
+        run: None,
+    })
+}
+
+/// The current period's account of every budget of the config, from the ledger or Redis.
+pub(super) async fn budget_accounts(
+    state: &AppState,
+    live: &Live,
+) -> Result<HashMap<BudgetKey, Account>, String> {
+    accounts(state, &live.policies.all_limits()).await
+}
+
+/// Every configured agent, with its budgets when their `accounts` could be read (none
+/// listed otherwise: figures that cannot be read are not shown as zero).
+pub(super) fn agent_views(
+    state: &AppState,
+    live: &Live,
+    accounts: Option<&HashMap<BudgetKey, Account>>,
+) -> Vec<impl Serialize> {
     let runs = run_counts(state, live);
-    let agents: Vec<AgentView> = live
-        .config
+    live.config
         .agents
         .iter()
         .map(|a| {
             let paused_by = paused_by(state, &a.id);
             let (active_runs, stopped_runs) = runs.get(a.id.as_str()).copied().unwrap_or((0, 0));
-            let budgets = live
-                .policies
-                .get(&a.id)
-                .map(|p| p.budgets())
-                .unwrap_or_default()
-                .iter()
-                .map(|limit| {
-                    budget_view(limit, accounts.get(&limit.key).copied().unwrap_or_default())
-                })
-                .collect();
+            let budgets = match accounts {
+                Some(accounts) => live
+                    .policies
+                    .get(&a.id)
+                    .map(|p| p.budgets())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|limit| {
+                        budget_view(limit, accounts.get(&limit.key).copied().unwrap_or_default())
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
             AgentView {
                 id: a.id.clone(),
                 team: a.team.clone(),
@@ -97,13 +124,7 @@ pub(super) async fn list_agents(state: &AppState, live: &Live) -> Result<Done, A
                 budgets,
             }
         })
-        .collect();
-    Ok(Done {
-        detail: format!("listed {} agents", agents.len()),
-        body: json!({ "pause_all": state.switches.all_paused(), "agents": agents }),
-        agent: None,
-        run: None,
-    })
+        .collect()
 }
 
 fn budget_view(limit: &Limit, account: Account) -> BudgetView {

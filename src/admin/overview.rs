@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 
-use super::agents::list_agents;
+use super::agents::{agent_views, budget_accounts};
 use super::{AdminError, Done};
 use crate::proxy::{AppState, Live};
 use crate::report::live::Tail;
@@ -99,7 +99,16 @@ impl Overview {
 pub const MAX_RUNS: usize = 100;
 
 pub(super) async fn overview(state: &AppState, live: &Live) -> Result<Done, AdminError> {
-    let agents = list_agents(state, live).await?;
+    // Redis unreachable: everything else is still worth showing (in an incident most of
+    // all), with the budgets left out and said so.
+    let (accounts, budgets_error) = match budget_accounts(state, live).await {
+        Ok(accounts) => (Some(accounts), None),
+        Err(e) => (
+            None,
+            Some(format!("cannot read the budgets from Redis: {e}")),
+        ),
+    };
+    let agents = agent_views(state, live, accounts.as_ref());
     let mut runs = state.runs.list(None);
     let runs_total = runs.len();
     let rank = |state: &str| match state {
@@ -125,7 +134,8 @@ pub(super) async fn overview(state: &AppState, live: &Live) -> Result<Done, Admi
         body: json!({
             "generated_at": crate::audit::now_rfc3339(),
             "pause_all": state.switches.all_paused(),
-            "agents": agents.body["agents"],
+            "agents": agents,
+            "budgets_error": budgets_error,
             "runs": runs,
             "runs_total": runs_total,
             "insights": insights,

@@ -110,6 +110,19 @@ impl Standing {
     pub fn stopped_count(&self) -> usize {
         self.stopped_runs.values().map(BTreeMap::len).sum()
     }
+
+    /// Forgets the stops made before `cutoff` (or whose time does not parse), which no
+    /// start restores any more: the snapshot stays the size of what matters.
+    pub fn forget_stops_before(&mut self, cutoff: jiff::Timestamp) {
+        for runs in self.stopped_runs.values_mut() {
+            runs.retain(|_, stop| {
+                stop.at
+                    .parse::<jiff::Timestamp>()
+                    .is_ok_and(|at| at >= cutoff)
+            });
+        }
+        self.stopped_runs.retain(|_, runs| !runs.is_empty());
+    }
 }
 
 #[cfg(test)]
@@ -178,5 +191,13 @@ mod tests {
 
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<Standing>(&json).unwrap(), s);
+
+        s.fold(&Fact {
+            ts: "2026-11-29T12:00:00.000Z",
+            ..run("stopped", "r4")
+        });
+        s.forget_stops_before("2026-11-29T11:00:00Z".parse().unwrap());
+        assert_eq!(s.stopped_count(), 1);
+        assert!(s.stopped_runs["a"].contains_key("r4"));
     }
 }

@@ -191,6 +191,12 @@ impl Snapshots {
     /// log is the truth): it is logged and tried again an interval later.
     fn write(&mut self) {
         self.last = Instant::now();
+        // Stops no start would restore any more need not be carried on.
+        if let Ok(cutoff) =
+            jiff::Timestamp::now().checked_sub(crate::guard::runs::STOPPED_RETENTION)
+        {
+            self.aggregate.forget_stops_before(cutoff);
+        }
         match write_atomic(&self.path, &self.aggregate.to_json()) {
             Ok(()) => self.dirty = false,
             Err(e) => tracing::warn!(

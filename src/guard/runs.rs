@@ -25,7 +25,7 @@ use crate::config::{RunAction, RunLimitsConfig};
 use crate::ledger::{nanos_to_usd, usd_to_nanos};
 
 /// How long a stopped run is remembered after its last request.
-const STOPPED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const STOPPED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Runs of one agent kept at most; the longest idle go first.
 const MAX_RUNS_PER_AGENT: usize = 10_000;
 /// Distinct request fingerprints remembered per run, for `max_repeats`.
@@ -648,9 +648,18 @@ impl Runs {
         true
     }
 
-    /// Restores a stop written in the audit log (at start).
-    pub fn restore_stop(&self, agent: &str, run: &str, crossed: Crossed, at: String) {
-        self.mark_stopped(agent, run, crossed, Instant::now(), at);
+    /// Restores a stop written in the audit log (at start), `age` ago: the run is kept as
+    /// long as it would have been had the proxy not restarted.
+    pub fn restore_stop(
+        &self,
+        agent: &str,
+        run: &str,
+        crossed: Crossed,
+        at: String,
+        age: Duration,
+    ) {
+        let now = Instant::now();
+        self.mark_stopped(agent, run, crossed, now.checked_sub(age).unwrap_or(now), at);
     }
 
     fn mark_stopped(&self, agent: &str, run: &str, crossed: Crossed, now: Instant, at: String) {
@@ -741,17 +750,32 @@ impl Runs {
 impl Runs {
     /// Restores the runs stopped (and not resumed since), as the audit log left them, so
     /// a stop survives a restart. Returns how many runs are stopped.
+    ///
+    /// A stop older than [`STOPPED_RETENTION`] is not restored: a running proxy would
+    /// have forgotten it by now (an idle stopped run is swept after that long).
     pub fn restore(&self, standing: &crate::audit::standing::Standing) -> usize {
+        let now = Timestamp::now();
+        let mut count = 0;
         for (agent, runs) in &standing.stopped_runs {
             for (run, stop) in runs {
+                let age = stop
+                    .at
+                    .parse::<Timestamp>()
+                    .ok()
+                    .and_then(|at| now.duration_since(at).try_into().ok())
+                    .unwrap_or_default();
+                if age >= STOPPED_RETENTION {
+                    continue;
+                }
                 let crossed = Crossed {
                     condition: Condition::parse(&stop.condition).unwrap_or(Condition::Admin),
                     message: stop.message.clone(),
                 };
-                self.restore_stop(agent, run, crossed, stop.at.clone());
+                self.restore_stop(agent, run, crossed, stop.at.clone(), age);
+                count += 1;
             }
         }
-        standing.stopped_count()
+        count
     }
 }
 

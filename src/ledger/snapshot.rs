@@ -29,6 +29,7 @@
 //! `window` is the start of the period's window in Unix seconds, `nanos` nano-dollars.
 //! Nothing here knows of tokio or hyper; the one I/O is the atomic file write.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::Path;
@@ -190,6 +191,11 @@ impl Aggregate {
         &self.standing
     }
 
+    /// See [`Standing::forget_stops_before`].
+    pub fn forget_stops_before(&mut self, cutoff: Timestamp) {
+        self.standing.forget_stops_before(cutoff);
+    }
+
     /// Marks every line up to `seq` (whose hash is `hash`) as folded.
     pub fn advance(&mut self, seq: u64, hash: &str) {
         self.seq = seq;
@@ -287,25 +293,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The fields of one audit line that a start restores from: its spend, and what it
 /// leaves standing.
 #[derive(Debug, Deserialize)]
-pub struct AuditLine {
+pub struct AuditLine<'a> {
     pub seq: u64,
-    #[serde(default)]
-    pub hash: String,
-    #[serde(default)]
-    pub ts: String,
-    #[serde(default)]
-    pub kind: String,
-    pub agent: Option<String>,
-    #[serde(default)]
-    pub run: Option<String>,
-    #[serde(default)]
-    pub outcome: String,
-    #[serde(default)]
-    pub reason: String,
-    #[serde(default)]
-    pub detail: Option<String>,
-    #[serde(default)]
-    pub outcome_kind: Option<String>,
+    #[serde(borrow, default)]
+    pub hash: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub ts: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub agent: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub run: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub outcome: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub reason: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub detail: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub outcome_kind: Option<Cow<'a, str>>,
     #[serde(default)]
     pub input_tokens: u64,
     #[serde(default)]
@@ -318,9 +325,9 @@ pub struct AuditLine {
     pub cost_usd: f64,
 }
 
-impl AuditLine {
+impl<'a> AuditLine<'a> {
     /// Parses a line of the audit log; `None` for one that is not an audit line.
-    pub fn parse(line: &[u8]) -> Option<AuditLine> {
+    pub fn parse(line: &'a [u8]) -> Option<AuditLine<'a>> {
         serde_json::from_slice(line).ok()
     }
 

@@ -440,6 +440,7 @@ async fn forward(
                 &run_id,
                 (**crossed).clone(),
                 jiff::Timestamp::now().to_string(),
+                Duration::ZERO,
             );
         }
         reject(error)

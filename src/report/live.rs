@@ -7,23 +7,28 @@
 //! an offset into it.
 
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::scan::{parse, take, Findings};
 use super::{Aggregator, Options, Report, ReportError};
 use crate::audit::verify::Chain;
+use crate::secret::Secret;
 
-/// Where reading stopped: the file, the bytes of it taken (whole lines only) and the
-/// lines among them.
+/// Where reading stopped: the file (and its inode), the bytes of it taken (whole lines
+/// only) and the lines among them.
 struct Position {
     file: PathBuf,
+    inode: u64,
     offset: u64,
     lines: usize,
 }
 
 pub struct Tail {
     dir: PathBuf,
+    key: Option<Secret<Vec<u8>>>,
+    options: Options,
     chain: Chain,
     findings: Findings,
     aggregator: Aggregator,
@@ -38,12 +43,22 @@ impl Tail {
     pub fn new(dir: PathBuf, key: Option<&[u8]>, options: Options) -> Tail {
         Tail {
             dir,
+            key: key.map(|k| Secret::new(k.to_vec())),
             chain: Chain::new(key),
             findings: Findings::default(),
-            aggregator: Aggregator::new(options),
+            aggregator: Aggregator::new(options.clone()),
+            options,
             at: None,
             chunk: CHUNK_BYTES,
         }
+    }
+
+    /// Forgets everything read, to read the log again from its first line.
+    fn restart(&mut self) {
+        self.chain = Chain::new(self.key.as_ref().map(|k| k.expose().as_slice()));
+        self.findings = Findings::default();
+        self.aggregator = Aggregator::new(self.options.clone());
+        self.at = None;
     }
 
     /// Reads the lines written since the last call (all of them the first time). A line
@@ -54,6 +69,17 @@ impl Tail {
             dir: self.dir.clone(),
             source,
         })?;
+        // The file being read is shorter than what was taken of it, is another file by
+        // the same name, or is gone: the log was changed under the reader, not appended
+        // to. Read it all again rather than go on from a place that means nothing now.
+        if let Some(at) = &self.at {
+            let same = std::fs::metadata(&at.file)
+                .is_ok_and(|m| m.ino() == at.inode && m.len() >= at.offset);
+            if !same {
+                tracing::warn!(file = %at.file.display(), "the audit log changed under the dashboard's reader; reading it again");
+                self.restart();
+            }
+        }
         for (i, file) in files.iter().enumerate() {
             let offset = match &self.at {
                 Some(at) if *file < at.file => continue,
@@ -61,8 +87,15 @@ impl Tail {
                 _ => 0,
             };
             if offset == 0 && self.at.as_ref().is_none_or(|at| at.file != *file) {
+                let inode = std::fs::metadata(file)
+                    .map_err(|source| ReportError::Read {
+                        file: file.clone(),
+                        source,
+                    })?
+                    .ino();
                 self.at = Some(Position {
                     file: file.clone(),
+                    inode,
                     offset: 0,
                     lines: 0,
                 });
@@ -90,6 +123,10 @@ impl Tail {
             let n = f.read(&mut buf[kept..]).map_err(failed)?;
             buf.truncate(kept + n);
             let end = n == 0;
+            // Part of one long line: nothing to take until its newline comes.
+            if !end && memchr::memchr(b'\n', &buf[kept..]).is_none() {
+                continue;
+            }
             let taken = self.take(file, &buf, last_file, end);
             buf.drain(..taken);
             if end {
@@ -255,6 +292,37 @@ mod tests {
         );
         assert_eq!(live.agents["agent-b"].redundant_requests, 4);
         assert!((live.agents["agent-b"].cost_usd - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_log_changed_under_the_reader_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), 1 << 20);
+        for _ in 0..3 {
+            log.append(request("agent-a", 0.5, FP_A));
+        }
+        wait_for_lines(dir.path(), 3);
+        log.close();
+        let mut tail = Tail::new(dir.path().to_path_buf(), None, options());
+        tail.refresh().unwrap();
+        assert_eq!(tail.report(SystemTime::now()).agents["agent-a"].requests, 3);
+
+        // The file cut back to its first line (an operator's doing, not the writer's).
+        let file = crate::audit::log_files(dir.path()).unwrap().remove(0);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let first = text.split_inclusive('\n').next().unwrap().to_owned();
+        std::fs::write(&file, &first).unwrap();
+        tail.refresh().unwrap();
+        let report = tail.report(SystemTime::now());
+        assert_eq!(report.agents["agent-a"].requests, 1);
+        assert!(report.chain.ok);
+
+        // Replaced by another file of the same name, longer than what was read.
+        let replaced = dir.path().join("replacement");
+        std::fs::write(&replaced, &text).unwrap();
+        std::fs::rename(&replaced, &file).unwrap();
+        tail.refresh().unwrap();
+        assert_eq!(tail.report(SystemTime::now()).agents["agent-a"].requests, 3);
     }
 
     #[test]

@@ -203,6 +203,16 @@ struct Growth {
     calls: u64,
 }
 
+impl Growth {
+    fn growth(&self) -> i64 {
+        self.last as i64 - self.first as i64
+    }
+}
+
+/// Runs per agent whose prompt growth is followed; past twice this many, the ones that
+/// grew least are dropped.
+const MAX_GROWTH_RUNS: usize = 10_000;
+
 struct Aggregator {
     options: Options,
     since_ms: Option<i64>,
@@ -405,6 +415,19 @@ impl Aggregator {
                         calls: 1,
                     },
                 );
+                if runs.len() > 2 * MAX_GROWTH_RUNS {
+                    // Keep the runs that grew the most so far: memory stays bounded on
+                    // any log, and the top of the list is all a report shows.
+                    let mut by_growth: Vec<(i64, String)> = runs
+                        .iter()
+                        .map(|(id, g)| (g.growth(), id.clone()))
+                        .collect();
+                    let drop = by_growth.len() - MAX_GROWTH_RUNS;
+                    by_growth.select_nth_unstable(drop);
+                    for (_, id) in &by_growth[..drop] {
+                        runs.remove(id);
+                    }
+                }
             }
         }
     }

@@ -217,3 +217,26 @@ fn a_torn_last_line_is_a_write_in_progress_not_a_break() {
     assert!(report.lines.malformed_at[0].contains(":2: torn"));
     assert_eq!(report.agents["a"].requests, 1);
 }
+
+#[test]
+fn context_growth_follows_a_bounded_number_of_runs_and_keeps_the_largest() {
+    let mut agg = Aggregator::new(options(None));
+    let line = |run: &str, input: u64| {
+        format!(
+            r#"{{"seq":1,"ts":"{NOW}","kind":"request","agent":"a","run":"{run}","outcome":"ok","input_tokens":{input},"prev_hash":"","hash":""}}"#
+        )
+    };
+    // One run that grows a lot, early; then many that do not grow at all.
+    agg.add(&serde_json::from_str(&line("big", 10)).unwrap());
+    agg.add(&serde_json::from_str(&line("big", 5_000)).unwrap());
+    for i in 0..(2 * MAX_GROWTH_RUNS + 10) {
+        let text = line(&format!("r{i}"), 7);
+        agg.add(&serde_json::from_str(&text).unwrap());
+    }
+    let runs = &agg.agents[0].1.runs;
+    assert!(runs.len() <= 2 * MAX_GROWTH_RUNS, "{}", runs.len());
+    assert!(runs.len() >= MAX_GROWTH_RUNS);
+    let report = agg.report(&scan::Findings::default(), SystemTime::now());
+    assert_eq!(report.context_growth[0].run, "big");
+    assert_eq!(report.context_growth[0].last_input_tokens, 5_000);
+}

@@ -8,6 +8,8 @@
   const SVG = "http://www.w3.org/2000/svg";
   const $ = (id) => document.getElementById(id);
   let timer = null;
+  // Each refresh draws only if no later one has been asked for since.
+  let generation = 0;
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -48,8 +50,12 @@
   function takeTokenFromFragment() {
     const m = /(?:^|[#&])token=([^&]*)/.exec(location.hash);
     if (!m) return;
-    sessionStorage.setItem("tokenwarden-admin-token", decodeURIComponent(m[1]));
     history.replaceState(null, "", location.pathname + location.search);
+    try {
+      sessionStorage.setItem("tokenwarden-admin-token", decodeURIComponent(m[1]));
+    } catch (e) {
+      sessionStorage.removeItem("tokenwarden-admin-token");
+    }
   }
   function showLogin(message) {
     clearTimeout(timer);
@@ -91,20 +97,31 @@
 
   async function refresh() {
     clearTimeout(timer);
+    const mine = ++generation;
     if (!token()) return showLogin("");
+    // A hidden tab asks for nothing; it refreshes when shown again.
+    if (document.hidden) return;
     let data;
     try {
       data = await call("GET", "/admin/overview");
     } catch (e) {
       if (e.message === "unauthorized") return;
-      $("status").textContent = "cannot reach the proxy: " + e.message;
-      timer = setTimeout(refresh, POLL_MS);
+      if (mine === generation) {
+        $("status").textContent = "cannot reach the proxy: " + e.message;
+        timer = setTimeout(refresh, POLL_MS);
+      }
       return;
     }
-    $("login").hidden = true;
-    $("main").hidden = false;
-    draw(data);
-    timer = setTimeout(refresh, POLL_MS);
+    if (mine !== generation) return;
+    try {
+      $("login").hidden = true;
+      $("main").hidden = false;
+      draw(data);
+    } catch (e) {
+      $("status").textContent = "cannot draw the overview: " + e.message;
+    } finally {
+      timer = setTimeout(refresh, POLL_MS);
+    }
   }
 
   // === drawing ===
@@ -120,12 +137,14 @@
       if (data.pause_all || confirm("Pause every agent?")) act("POST", data.pause_all ? "/admin/resume-all" : "/admin/pause-all");
     };
     const chain = $("chain");
+    const budgetsError = data.budgets_error ? el("p", { class: "broken", text: data.budgets_error + " (budgets are not shown until it can)" }) : null;
     if (data.insights_error) chain.replaceChildren(el("p", { class: "broken", text: "Cannot read the audit log: " + data.insights_error }));
     else if (report && !report.chain.ok) chain.replaceChildren(el("p", { class: "broken", text: "Audit chain broken: " + report.chain.error + " (" + report.chain.errors + " breaks). The figures come from a log that was altered." }));
     else if (report) chain.replaceChildren(el("p", { class: "ok", text: "Audit chain verified: " + int(report.chain.records) + " records." }));
     else chain.replaceChildren();
+    if (budgetsError) chain.prepend(budgetsError);
     const figures = (report && report.agents) || {};
-    drawAgents(data.agents, figures);
+    drawAgents(data.agents, figures, !!data.budgets_error);
     drawRuns(data.runs, data.runs_total);
     drawSpend(report);
     drawGrowth(report ? report.context_growth : []);
@@ -138,8 +157,9 @@
 
   function budgetCell(budgets) {
     const cell = el("td", { "data-field": "budgets" });
-    if (!budgets.length) cell.append(el("span", { class: "empty", text: "no budget" }));
-    for (const b of budgets) {
+    if (budgets === null) cell.append(el("span", { class: "empty", text: "unknown" }));
+    else if (!budgets.length) cell.append(el("span", { class: "empty", text: "no budget" }));
+    for (const b of budgets || []) {
       for (const [unit, f, fmt] of [["usd", b.usd, usd], ["tokens", b.tokens, int]]) {
         if (!f) continue;
         const spentShare = f.limit > 0 ? Math.min(1, f.spent / f.limit) : 1;
@@ -159,7 +179,7 @@
     return cell;
   }
 
-  function drawAgents(agents, figures) {
+  function drawAgents(agents, figures, budgetsUnknown) {
     const rows = agents.map((a) => {
       const f = figures[a.id] || {};
       const paused = a.state === "paused";
@@ -167,7 +187,7 @@
         "POST /admin/agents/" + enc(a.id) + (paused ? "/resume" : "/pause"));
       const state = el("td", { "data-field": "state" }, el("span", { class: "state-" + a.state, text: a.state }), " ", button);
       return el("tr", { "data-agent": a.id },
-        td(a.id, null, "id"), td(a.team || "–", null, "team"), state, budgetCell(a.budgets),
+        td(a.id, null, "id"), td(a.team || "–", null, "team"), state, budgetCell(budgetsUnknown ? null : a.budgets),
         td(int(f.requests || 0), "n", "requests"), td(usd(f.cost_usd || 0), "n", "cost"),
         td(pairs(f.outcomes, int), null, "outcomes"), td(pairs(f.cost_per_outcome_usd, usd), null, "cost_per_outcome"),
         td(pct(f.redundant_share || 0) + " · " + usd(f.redundant_cost_usd || 0), "n", "redundant"),
