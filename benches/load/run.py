@@ -270,6 +270,8 @@ def slow_streams_rss(oha, url, auth, pids):
     counted at its fullest (all its chunks through). The figure after the first 4 s,
     what earlier versions reported, is kept too; it depends on how many chunks went
     through by then, and so on CPU load."""
+    # The processes as they are now: nginx forks its worker after it starts listening.
+    pids = [p for root in pids for p in children(root)]
     before = rss_kib(pids)
     cmd = pinned(0) + [oha, "--no-tui", "--output-format", "json", "-n", str(SLOW_STREAMS),
                        "-c", str(SLOW_STREAMS), "-m", "POST", "-H", "content-type: application/json",
@@ -335,7 +337,7 @@ def main():
         procs.append(proc)
         wait_port(port)
         targets["nginx"] = (f"http://127.0.0.1:{port}/openai/v1/chat/completions", False,
-                            children(proc.pid))
+                            [proc.pid])
 
     def proxy(name, limits=True, redis=None):
         config = tmp / f"{name}.toml"
