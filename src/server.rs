@@ -75,9 +75,11 @@ pub async fn run(
         .header_read_timeout(server_cfg.header_read_timeout)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
+    let http1_only = builder.clone().http1_only();
 
     let graceful = GracefulShutdown::new();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let connection_stop = stop_rx.clone();
     let connections = Arc::new(Semaphore::new(server_cfg.max_connections));
     let grace = server_cfg.shutdown_grace;
     let handshake_timeout = server_cfg.header_read_timeout;
@@ -98,7 +100,19 @@ pub async fn run(
             let builder = proxy_builder.clone();
             let watcher = graceful.watcher();
             match &tls {
-                None => tokio::spawn(serve_connection(builder, stream, service, watcher, permit)),
+                None => {
+                    let http1_only = http1_only.clone();
+                    let mut stop = connection_stop.clone();
+                    tokio::spawn(async move {
+                        let opens_as_http1 = tokio::select! {
+                            http1 = opens_as_http1(&stream) => http1,
+                            // Shutting down before the client said anything: close.
+                            _ = stop.wait_for(|&stop| stop) => return,
+                        };
+                        let builder = if opens_as_http1 { http1_only } else { builder };
+                        serve_connection(builder, stream, service, watcher, permit).await
+                    })
+                }
                 Some(acceptor) => {
                     let handshake =
                         tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
@@ -181,6 +195,21 @@ async fn accept_loop<F>(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
         serve(stream, peer, permit);
+    }
+}
+
+/// Whether a client's first bytes already differ from HTTP/2's connection preface, seen
+/// without taking them from the socket. Such a connection is served as HTTP/1.1 at once
+/// (which is what the version check would decide), so hyper's first read gets the whole
+/// request head: after the check, it got only the few bytes the check had read, and the
+/// read that followed doubled its read buffer to 16 KiB for the life of the connection.
+/// `false` (let the usual check decide) when nothing or too little has come yet.
+async fn opens_as_http1(stream: &TcpStream) -> bool {
+    const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut first = [0u8; 24];
+    match stream.peek(&mut first).await {
+        Ok(n) => n > 0 && first[..n] != H2_PREFACE[..n],
+        Err(_) => false,
     }
 }
 

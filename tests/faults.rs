@@ -287,6 +287,41 @@ async fn shutdown_lets_in_flight_streams_finish_and_refuses_new_connections() {
     );
 }
 
+#[tokio::test]
+async fn a_connection_that_never_spoke_does_not_hold_up_shutdown() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&mock));
+    // Connected, not a byte sent: neither HTTP/1.1 nor HTTP/2 yet.
+    let silent = std::net::TcpStream::connect(proxy.addr).unwrap();
+    let (status, _, _) = get(
+        &proxy.url("/openai/v1/models"),
+        &[("authorization", &bearer(KEY_A))],
+    )
+    .await;
+    assert_eq!(status, 200, "served while the silent connection is open");
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &proxy.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut proxy = proxy;
+    // The grace period is 10 s: an exit well before it was not waiting for the silent one.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let exit = loop {
+        if let Some(exit) = proxy.proc.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shutdown waited for a connection that never spoke"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    drop(silent);
+}
+
 // === misbehaving upstreams: broken streams, disagreeing usage, provider errors ===
 
 /// The proxy's resident memory in KiB.

@@ -1,10 +1,15 @@
 //! Reading usage out of responses, per wire format, as the bytes go by.
 //!
-//! The observer is fed every response frame (a refcounted `Bytes`, never copied on the
-//! way) and keeps only what it needs: the usage reports, and, up to a bound, the frames
-//! themselves so that text can be counted if the provider never reports usage. JSON is
-//! parsed only for SSE events that carry a usage report, and for non-streamed bodies
-//! once, at the end.
+//! The observer is shown every response frame (a refcounted `Bytes`; the client's copy
+//! is never touched) and keeps only what it needs: the usage reports, and, up to a
+//! bound, a copy of the bytes so that text can be counted if the provider never reports
+//! usage. JSON is parsed only for SSE events that carry a usage report, and for
+//! non-streamed bodies once, at the end.
+//!
+//! The bytes are copied, not kept as `Bytes`: a frame from hyper is a slice of the
+//! connection's read buffer (8 KiB and up), so keeping the slice keeps the whole buffer,
+//! and hyper allocates a new one for its next read. One small frame per read, as a slow
+//! stream sends, then cost a read buffer per frame for the life of the stream.
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -60,8 +65,8 @@ struct Reported {
 pub struct UsageObserver {
     endpoint: Endpoint,
     sse: Option<SseParser>,
-    held: Vec<Bytes>,
-    held_bytes: usize,
+    /// The frames kept for the fallback count, one after the other; grown on demand.
+    held: Vec<u8>,
     /// Bytes seen past the bound, counted roughly if an estimate is needed.
     unheld_bytes: usize,
     reported: Reported,
@@ -78,7 +83,6 @@ impl UsageObserver {
             endpoint,
             sse: sse.then(|| SseParser::new(MAX_EVENT_BYTES)),
             held: Vec::new(),
-            held_bytes: 0,
             unheld_bytes: 0,
             reported: Reported::default(),
             estimate: true,
@@ -98,9 +102,8 @@ impl UsageObserver {
         if self.endpoint == Endpoint::Other || data.is_empty() {
             return;
         }
-        if self.held_bytes + data.len() <= MAX_HELD_BYTES {
-            self.held_bytes += data.len();
-            self.held.push(data.clone());
+        if self.held.len() + data.len() <= MAX_HELD_BYTES {
+            self.held.extend_from_slice(data);
         } else {
             self.unheld_bytes += data.len();
         }
@@ -145,16 +148,12 @@ impl UsageObserver {
 
     /// The response as far as it was kept, for `audit.include_bodies`.
     pub fn held_text(&self) -> String {
-        let mut out = Vec::with_capacity(self.held_bytes);
-        for frame in &self.held {
-            out.extend_from_slice(frame);
-        }
-        String::from_utf8_lossy(&out).into_owned()
+        String::from_utf8_lossy(&self.held).into_owned()
     }
 
     /// Bytes of the response kept for the fallback count.
     pub fn held_bytes(&self) -> usize {
-        self.held_bytes
+        self.held.len()
     }
 
     /// SSE events dropped for exceeding the event bound.
@@ -168,11 +167,8 @@ impl UsageObserver {
         if self.endpoint == Endpoint::Other {
             return Metered::default();
         }
-        if self.sse.is_none() {
-            let body = self.held.concat();
-            if self.unheld_bytes == 0 {
-                read_body(self.endpoint, &body, &mut self.reported);
-            }
+        if self.sse.is_none() && self.unheld_bytes == 0 {
+            read_body(self.endpoint, &self.held, &mut self.reported);
         }
         let Reported {
             mut usage,
@@ -208,17 +204,16 @@ impl UsageObserver {
         let mut text = String::new();
         match &self.sse {
             Some(_) => {
+                // The parser gives the same events however the bytes are split.
                 let mut parser = SseParser::new(MAX_EVENT_BYTES);
-                for frame in &self.held {
-                    parser.feed(frame, &mut |event: Event<'_>| {
-                        if let Ok(value) = serde_json::from_slice::<Value>(event.data) {
-                            collect_generated_text(&value, &mut text);
-                        }
-                    });
-                }
+                parser.feed(&self.held, &mut |event: Event<'_>| {
+                    if let Ok(value) = serde_json::from_slice::<Value>(event.data) {
+                        collect_generated_text(&value, &mut text);
+                    }
+                });
             }
             None => {
-                if let Ok(value) = serde_json::from_slice::<Value>(&self.held.concat()) {
+                if let Ok(value) = serde_json::from_slice::<Value>(&self.held) {
                     collect_generated_text(&value, &mut text);
                 }
             }
@@ -627,6 +622,25 @@ mod tests {
             br#"{"usage": null, "text": "\"usage\""}"#
         ));
         assert!(!has_usage_object(br#"{"usage""#));
+    }
+
+    #[test]
+    fn frames_are_copied_not_kept() {
+        // A frame as hyper hands it on: a slice of a larger read buffer.
+        let mut read_buf = bytes::BytesMut::with_capacity(8192);
+        read_buf.extend_from_slice(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        let frame = read_buf.split().freeze();
+        drop(read_buf);
+        let mut o = UsageObserver::new(Endpoint::ChatCompletions, true);
+        o.observe(&frame);
+        assert!(
+            frame.is_unique(),
+            "the observer keeps no reference to the frame"
+        );
+        assert_eq!(o.held_bytes(), frame.len());
+        let m = o.finish("gpt-4o", b"{}");
+        assert!(m.estimated);
+        assert_eq!(m.usage.output, 1, "'hi' is one token");
     }
 
     #[test]

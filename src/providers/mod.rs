@@ -139,14 +139,18 @@ impl RequestFields<'_> {
 /// the closing brace, leaving every other byte as sent; a present one means rewriting
 /// the document. `None` if the body is not a JSON object.
 pub fn set_json_field(body: &[u8], field: &str, value: serde_json::Value) -> Option<Bytes> {
-    let mut value_map: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let object = value_map.as_object_mut()?;
-    if object.contains_key(field) {
+    // The usual case, an absent field, needs only the top-level keys: they are read
+    // without building the document (a tree of every message would cost more than the
+    // splice), and the same documents are accepted as by a parse into `Value`.
+    let keys = TopLevelKeys::read(body, field)?;
+    if keys.has_field {
+        let mut value_map: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let object = value_map.as_object_mut()?;
         object.insert(field.to_owned(), value);
         return serde_json::to_vec(&value_map).ok().map(Bytes::from);
     }
     let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
-    let empty = object.is_empty();
+    let empty = keys.empty;
     let mut out = Vec::with_capacity(body.len() + field.len() + 32);
     out.extend_from_slice(&body[..end]);
     if !empty {
@@ -157,6 +161,136 @@ pub fn set_json_field(body: &[u8], field: &str, value: serde_json::Value) -> Opt
     out.extend_from_slice(value.to_string().as_bytes());
     out.extend_from_slice(&body[end..]);
     Some(Bytes::from(out))
+}
+
+// === reading a JSON object's top-level keys ===
+
+/// What [`set_json_field`] needs of a body: whether it is empty and whether it has the
+/// field. Every value is checked as a parse into `Value` checks it (serde_json's own
+/// string, number and nesting checks, through `deserialize_any`), but nothing is built.
+#[derive(Clone, Copy)]
+struct TopLevelKeys<'f> {
+    field: &'f str,
+    has_field: bool,
+    empty: bool,
+}
+
+impl<'f> TopLevelKeys<'f> {
+    /// The keys of a JSON object; `None` for anything that is not one.
+    fn read(body: &[u8], field: &'f str) -> Option<Self> {
+        use serde::de::DeserializeSeed;
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let keys = TopLevelKeys {
+            field,
+            has_field: false,
+            empty: true,
+        }
+        .deserialize(&mut de)
+        .ok()?;
+        de.end().ok()?;
+        Some(keys)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for TopLevelKeys<'_> {
+    type Value = Self;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self, D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TopLevelKeys<'_> {
+    type Value = Self;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<Self, A::Error> {
+        while let Some(is_field) = map.next_key_seed(IsKey(self.field))? {
+            self.empty = false;
+            self.has_field |= is_field;
+            map.next_value::<Valid>()?;
+        }
+        Ok(self)
+    }
+}
+
+/// Whether a key is the one named, read without copying it.
+struct IsKey<'f>(&'f str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for IsKey<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<bool, D::Error> {
+        de.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for IsKey<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<bool, E> {
+        Ok(key == self.0)
+    }
+}
+
+/// Any JSON value, checked and dropped.
+struct Valid;
+
+impl<'de> serde::Deserialize<'de> for Valid {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        de.deserialize_any(Valid)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Valid {
+    type Value = Valid;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+
+    fn visit_unit<E>(self) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
+        while seq.next_element::<Valid>()?.is_some() {}
+        Ok(Valid)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
+        while map.next_key::<Valid>()?.is_some() {
+            map.next_value::<Valid>()?;
+        }
+        Ok(Valid)
+    }
 }
 
 /// A configured upstream, ready to build request URIs and credentials.
@@ -329,8 +463,30 @@ mod tests {
 
     mod properties {
         use super::super::set_json_field;
+        use bytes::Bytes;
         use proptest::prelude::*;
         use serde_json::{Map, Value};
+
+        /// `set_json_field` as it was: the whole body parsed into `Value`.
+        pub(super) fn by_whole_parse(body: &[u8], field: &str, value: Value) -> Option<Bytes> {
+            let mut value_map: Value = serde_json::from_slice(body).ok()?;
+            let object = value_map.as_object_mut()?;
+            if object.contains_key(field) {
+                object.insert(field.to_owned(), value);
+                return serde_json::to_vec(&value_map).ok().map(Bytes::from);
+            }
+            let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+            let empty = object.is_empty();
+            let mut out = body[..end].to_vec();
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(serde_json::to_string(field).ok()?.as_bytes());
+            out.push(b':');
+            out.extend_from_slice(value.to_string().as_bytes());
+            out.extend_from_slice(&body[end..]);
+            Some(Bytes::from(out))
+        }
 
         fn leaf() -> impl Strategy<Value = Value> {
             prop_oneof![
@@ -376,6 +532,31 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(parsed.len(), doc.len() + usize::from(!doc.contains_key(&field)));
+            }
+
+            /// The same answer as the version that parses the whole body into `Value`,
+            /// for objects, objects with the field, and bytes of any kind.
+            #[test]
+            fn set_json_field_answers_as_a_whole_parse_does(
+                doc in object(),
+                field in prop_oneof![Just("max_tokens".to_owned()), "[a-z_]{1,10}"],
+                cut in any::<prop::sample::Index>(),
+                noise in prop::collection::vec(any::<u8>(), 0..4),
+            ) {
+                let body = serde_json::to_vec(&doc).unwrap();
+                prop_assert_eq!(
+                    set_json_field(&body, &field, Value::from(7)),
+                    by_whole_parse(&body, &field, Value::from(7))
+                );
+                // Cut and spliced with noise: mostly not JSON, sometimes still JSON.
+                let at = cut.index(body.len() + 1);
+                let mut broken = body[..at].to_vec();
+                broken.extend_from_slice(&noise);
+                broken.extend_from_slice(&body[at..]);
+                prop_assert_eq!(
+                    set_json_field(&broken, &field, Value::from(7)),
+                    by_whole_parse(&broken, &field, Value::from(7))
+                );
             }
 
             #[test]
@@ -504,6 +685,34 @@ mod tests {
             b"{\"n\":1}"
         );
         assert!(set_json_field(b"[]", "n", serde_json::json!(1)).is_none());
+    }
+
+    #[test]
+    fn set_json_field_refuses_and_accepts_what_a_whole_parse_does() {
+        use properties::by_whole_parse;
+        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(200), "]".repeat(200));
+        let cases: [&[u8]; 12] = [
+            br#"{"a":1e999}"#,
+            br#"{"a":"\ud800"}"#,
+            b"{\"a\":\"\xff\"}",
+            br#"{"a":"tab\there"}"#,
+            b"{\"a\":\"raw\ttab\"}",
+            br#"{"max\u005ftokens":1}"#,
+            br#"{"max_tokens":1,"max_tokens":2}"#,
+            br#"{"a":[1,2,{"b":null}]} x"#,
+            br#"{"a":18446744073709551616}"#,
+            br#"  {"a":{"\u00e9":true}}  "#,
+            br#"{"a":1,}"#,
+            deep.as_bytes(),
+        ];
+        for body in cases {
+            assert_eq!(
+                set_json_field(body, "max_tokens", serde_json::json!(3)),
+                by_whole_parse(body, "max_tokens", serde_json::json!(3)),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Either, Full};
@@ -676,7 +676,11 @@ async fn read_body(
     }
     match upload.collect().await {
         Ok(collected) => {
-            let bytes = collected.to_bytes();
+            // One copy of exactly the body's size, also for a body that came in one
+            // frame: that frame is a slice of the connection's read buffer (8 KiB and
+            // up), which the settlement would otherwise keep for as long as the response
+            // streams. (`to_bytes` copies a body of several frames anyway.)
+            let bytes = exact_copy(collected.aggregate());
             Ok((Either::Left(Full::new(bytes.clone())), Some(bytes), None))
         }
         Err(e) if e.is::<TooLarge>() => {
@@ -685,6 +689,18 @@ async fn read_body(
         }
         Err(_) => Err(ProxyError::BodyRead),
     }
+}
+
+/// The bytes of `buf` in an allocation of their own, of exactly their size.
+fn exact_copy(mut buf: impl Buf) -> Bytes {
+    let mut exact = Vec::with_capacity(buf.remaining());
+    while buf.has_remaining() {
+        let chunk = buf.chunk();
+        exact.extend_from_slice(chunk);
+        let n = chunk.len();
+        buf.advance(n);
+    }
+    Bytes::from(exact)
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -800,6 +816,18 @@ mod tests {
         ] {
             assert!(!is_unsafe_path(ok), "{ok}");
         }
+    }
+
+    #[test]
+    fn a_body_read_whole_holds_no_connection_buffer() {
+        let mut read_buf = bytes::BytesMut::with_capacity(8192);
+        read_buf.extend_from_slice(b"POST / HTTP/1.1\r\n\r\n{\"model\":\"m\"}");
+        let body = read_buf.split_off(19).freeze();
+        let copy = exact_copy(body.clone().chain(Bytes::new()));
+        assert_eq!(copy, body);
+        assert!(copy.is_unique());
+        let frames = Bytes::from_static(b"{\"a\":").chain(Bytes::from_static(b"1}"));
+        assert_eq!(exact_copy(frames), Bytes::from_static(b"{\"a\":1}"));
     }
 
     #[test]
