@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use prometheus::IntCounter;
-use tokenwarden::audit::{AuditLog, AuditSettings, Record};
+use tokenwarden::audit::{AuditLog, AuditSettings, Fingerprint, Record};
 
 const AGENTS: u64 = 20;
 
@@ -101,10 +101,10 @@ fn record(i: u64, ts: String) -> Record {
                 latency_ms: 812.5,
                 ttfb_ms: Some(201.0),
                 // One request in ten repeats the body its agent sent just before.
-                fingerprint: Some(format!(
+                fingerprint: Some(Fingerprint::from(format!(
                     "{:064x}",
                     if nth % 10 == 3 { i - AGENTS } else { i }
-                )),
+                ))),
                 client: "10.0.0.7:50312".into(),
                 ..base
             }

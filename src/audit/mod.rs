@@ -72,7 +72,7 @@ pub struct Record {
     pub latency_ms: f64,
     pub ttfb_ms: Option<f64>,
     /// SHA-256 of the request body, hex.
-    pub fingerprint: Option<String>,
+    pub fingerprint: Option<Fingerprint>,
     pub client: String,
     /// What happened, in words (run and admin lines).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,6 +93,58 @@ pub struct Record {
     pub request_body: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_body: Option<String>,
+}
+
+/// The SHA-256 of a request body, written as hex. Given the body itself ([`Fingerprint::Of`]),
+/// it is hashed when the line is encoded, on the writer thread: hashing a large prompt
+/// then delays no response (the settlement runs before the last bytes reach the client).
+#[derive(Clone)]
+pub enum Fingerprint {
+    /// Already hashed, as hex.
+    Hex(String),
+    /// The body, to hash.
+    Of(bytes::Bytes),
+}
+
+impl From<String> for Fingerprint {
+    fn from(hex: String) -> Fingerprint {
+        Fingerprint::Hex(hex)
+    }
+}
+
+impl From<&str> for Fingerprint {
+    fn from(hex: &str) -> Fingerprint {
+        Fingerprint::Hex(hex.to_owned())
+    }
+}
+
+impl Fingerprint {
+    /// The hex digest (hashing the body if that is what this holds).
+    pub fn hex(&self) -> String {
+        match self {
+            Fingerprint::Hex(hex) => hex.clone(),
+            Fingerprint::Of(body) => hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body)),
+        }
+    }
+}
+
+impl Serialize for Fingerprint {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Fingerprint::Hex(hex) => serializer.serialize_str(hex),
+            Fingerprint::Of(_) => serializer.serialize_str(&self.hex()),
+        }
+    }
+}
+
+/// Never the body: a prompt is not for debug output.
+impl std::fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fingerprint::Hex(hex) => write!(f, "{hex}"),
+            Fingerprint::Of(body) => write!(f, "sha256 of {} bytes", body.len()),
+        }
+    }
 }
 
 /// The current time as the audit log writes it.

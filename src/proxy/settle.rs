@@ -11,12 +11,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
-use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::tap::{Flow, Observer, StreamEnd};
 use super::{AppState, Rejected, RequestMeta};
-use crate::audit::{now_rfc3339, AuditLog, Record};
+use crate::audit::{now_rfc3339, AuditLog, Fingerprint, Record};
 use crate::guard::anomaly::{Anomalies, AnomalySettings};
 use crate::guard::runs::{Allowance, Condition, Crossed, Ending, Ticket};
 use crate::guard::{Slot, Switches};
@@ -433,7 +432,7 @@ impl Settlement {
             cost_usd: cost,
             latency_ms: duration.as_secs_f64() * 1e3,
             ttfb_ms: Some(upstream_ttfb.as_secs_f64() * 1e3),
-            fingerprint: (!request.is_empty()).then(|| hex::encode(Sha256::digest(&request))),
+            fingerprint: (!request.is_empty()).then(|| Fingerprint::Of(request.clone())),
             client: client_addr.to_string(),
             detail: None,
             by: None,

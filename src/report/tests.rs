@@ -37,7 +37,7 @@ fn request(ts: &str, agent: &str, fp: &str, input: u64, cost: f64) -> Record {
         input_tokens: input,
         output_tokens: 2,
         cost_usd: cost,
-        fingerprint: Some(fp.repeat(64)),
+        fingerprint: Some(fp.repeat(64).into()),
         ..Record::default()
     }
 }
