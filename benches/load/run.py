@@ -401,6 +401,10 @@ def main():
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=30)
+        # The proxies' audit logs and the body files: a run leaves nothing behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        for path in BODIES.values():
+            Path(path).unlink(missing_ok=True)
 
     names = [t for t in targets if t != "direct"]
     header = f"{'scenario':27} {'direct p50/p99':>15}" + "".join(

@@ -206,6 +206,7 @@ max_error_streak = 1000000
     }
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples_kib"}, indent=2))
     if not (result["ledger"]["matches"] and result["audit_verify_ok"]):
         raise SystemExit("the books do not balance")
