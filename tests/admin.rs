@@ -857,20 +857,6 @@ async fn an_admin_records_outcomes_for_any_agent() {
     );
 }
 
-/// The ledger snapshot in `data`, once it covers line `seq`.
-async fn wait_for_snapshot(data: &Path, seq: u64) -> Value {
-    for _ in 0..250 {
-        if let Ok(bytes) = std::fs::read(data.join("ledger-snapshot.json")) {
-            let snapshot: Value = serde_json::from_slice(&bytes).unwrap();
-            if snapshot["seq"].as_u64().unwrap() >= seq {
-                return snapshot;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no snapshot up to seq {seq}");
-}
-
 #[tokio::test]
 async fn stops_pauses_and_outcome_kinds_come_back_from_the_snapshot_alone() {
     let mock = Mock::start();

@@ -828,26 +828,6 @@ fn budget_gauges(metrics: &str) -> Vec<String> {
     lines
 }
 
-fn snapshot_path(data: &std::path::Path) -> std::path::PathBuf {
-    data.join("ledger-snapshot.json")
-}
-
-/// Waits until the snapshot in `data` holds the audit log up to line `seq` at least.
-async fn wait_for_snapshot(data: &std::path::Path, seq: u64) -> Value {
-    let mut last = None;
-    for _ in 0..250 {
-        if let Ok(bytes) = std::fs::read(snapshot_path(data)) {
-            let v: Value = serde_json::from_slice(&bytes).unwrap();
-            if v["seq"].as_u64().unwrap() >= seq {
-                return v;
-            }
-            last = Some(v);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no snapshot up to seq {seq}; last: {last:?}");
-}
-
 #[tokio::test]
 async fn a_restart_resumes_from_the_snapshot_plus_the_lines_after_it() {
     let mock = Mock::start();

@@ -370,27 +370,23 @@ async fn admin(
         Route::Agents => list_agents(state, &live).await,
         // Polled by the dashboard: audited once per token per period, not per read.
         Route::Overview => {
-            return match overview::overview(state, &live).await {
-                Ok(done) => {
-                    if let Some(reads) = state.overview.audit_due(&caller.by) {
-                        let detail = format!(
-                            "{reads} overview reads (at most one line per token every {})",
-                            humantime::format_duration(overview::AUDIT_EVERY)
-                        );
-                        let entry = Entry {
-                            reason: route.action(),
-                            outcome: "ok",
-                            status: 200,
-                            agent: None,
-                            run: None,
-                            detail,
-                        };
-                        audit_line(state, &caller, entry);
-                    }
-                    json_response(StatusCode::OK, &done.body)
-                }
-                Err(error) => failed(state, &caller, route.action(), ids, error),
-            };
+            let body = overview::overview(state, &live).await;
+            if let Some(reads) = state.overview.audit_due(&caller.by) {
+                let detail = format!(
+                    "{reads} overview reads (at most one line per token every {})",
+                    humantime::format_duration(overview::AUDIT_EVERY)
+                );
+                let entry = Entry {
+                    reason: route.action(),
+                    outcome: "ok",
+                    status: 200,
+                    agent: None,
+                    run: None,
+                    detail,
+                };
+                audit_line(state, &caller, entry);
+            }
+            return json_response(StatusCode::OK, &body);
         }
         Route::Agent(agent, action) => switch_agent(state, &live, agent, *action),
         Route::Outcome(agent) => record_outcome(state, &caller, agent, &body),

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use super::agents::{agent_views, budget_accounts};
-use super::{AdminError, Done};
 use crate::proxy::{AppState, Live};
 use crate::report::live::Tail;
 use crate::report::{Options, Report};
@@ -98,7 +97,9 @@ impl Overview {
 /// the most recent idle ones). `/admin/runs` lists them all.
 pub const MAX_RUNS: usize = 100;
 
-pub(super) async fn overview(state: &AppState, live: &Live) -> Result<Done, AdminError> {
+/// The overview's answer. It never fails: what cannot be read (budgets in Redis, the
+/// audit log) is left out and said so.
+pub(super) async fn overview(state: &AppState, live: &Live) -> serde_json::Value {
     // Redis unreachable: everything else is still worth showing (in an incident most of
     // all), with the budgets left out and said so.
     let (accounts, budgets_error) = match budget_accounts(state, live).await {
@@ -129,20 +130,15 @@ pub(super) async fn overview(state: &AppState, live: &Live) -> Result<Done, Admi
             (None, Some(e))
         }
     };
-    Ok(Done {
-        detail: String::new(),
-        body: json!({
-            "generated_at": crate::audit::now_rfc3339(),
-            "pause_all": state.switches.all_paused(),
-            "agents": agents,
-            "budgets_error": budgets_error,
-            "runs": runs,
-            "runs_total": runs_total,
-            "insights": insights,
-            "insights_error": insights_error,
-        }),
-        agent: None,
-        run: None,
+    json!({
+        "generated_at": crate::audit::now_rfc3339(),
+        "pause_all": state.switches.all_paused(),
+        "agents": agents,
+        "budgets_error": budgets_error,
+        "runs": runs,
+        "runs_total": runs_total,
+        "insights": insights,
+        "insights_error": insights_error,
     })
 }
 

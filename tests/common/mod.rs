@@ -289,6 +289,27 @@ impl Proxy {
 }
 
 /// Waits until the audit files in `dir` hold `n` lines (for a proxy whose data directory
+/// The ledger snapshot a proxy whose data directory is `data` writes.
+pub fn snapshot_path(data: &Path) -> PathBuf {
+    data.join("ledger-snapshot.json")
+}
+
+/// Waits until the snapshot in `data` holds the audit log up to line `seq` at least.
+pub async fn wait_for_snapshot(data: &Path, seq: u64) -> Value {
+    let mut last = None;
+    for _ in 0..250 {
+        if let Ok(bytes) = std::fs::read(snapshot_path(data)) {
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            if v["seq"].as_u64().unwrap() >= seq {
+                return v;
+            }
+            last = Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no snapshot up to seq {seq}; last: {last:?}");
+}
+
 /// was set by [`with_storage`]).
 pub async fn wait_for_audit_lines_in(dir: &Path, n: usize) -> Vec<Value> {
     for _ in 0..250 {
