@@ -71,8 +71,8 @@ pub struct AuditConfig {
     pub include_bodies: bool,
     /// Refuse new requests (503) while the log cannot be written.
     pub fail_closed: bool,
-    /// Group commit: after the first record of a batch, wait this long for more, so that
-    /// they share one write and fsync (0: write as soon as the writer is free).
+    /// Group commit: lines are written as they come and fsynced at most this long after
+    /// the oldest unsynced one, so that they share one fsync (0: fsync every batch).
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
 }
@@ -84,7 +84,7 @@ impl Default for AuditConfig {
             hmac_key_env: None,
             include_bodies: false,
             fail_closed: true,
-            commit_interval: Duration::ZERO,
+            commit_interval: Duration::from_millis(5),
         }
     }
 }

@@ -21,7 +21,9 @@ pub(super) struct ChainState {
     seq: u64,
     prev: String,
     file: Option<(File, PathBuf)>,
+    /// Bytes in the current file, and how many of them are known to be on disk.
     size: u64,
+    synced: u64,
 }
 
 /// How long a failing write waits before it is tried again.
@@ -83,6 +85,7 @@ pub(super) fn recover(settings: &AuditSettings) -> Result<ChainState, AuditError
             prev: hash.to_owned(),
             file: Some((file, path.clone())),
             size: good_len as u64,
+            synced: good_len as u64,
         });
     }
     Ok(ChainState {
@@ -90,6 +93,7 @@ pub(super) fn recover(settings: &AuditSettings) -> Result<ChainState, AuditError
         prev: GENESIS_HASH.to_owned(),
         file: None,
         size: 0,
+        synced: 0,
     })
 }
 
@@ -101,16 +105,18 @@ pub(super) fn encode_line(
     prev: &str,
     key: Option<&[u8]>,
 ) -> (Vec<u8>, String) {
-    let body = serde_json::to_vec(record).unwrap_or_else(|_| b"{}".to_vec());
-    let fields = body
-        .get(1..body.len().saturating_sub(1))
-        .unwrap_or_default();
-    let mut line = Vec::with_capacity(body.len() + 180);
+    let mut line = Vec::with_capacity(1024);
     line.extend_from_slice(b"{\"seq\":");
     line.extend_from_slice(seq.to_string().as_bytes());
-    if !fields.is_empty() {
-        line.push(b',');
-        line.extend_from_slice(fields);
+    // The record's own object goes on in place: its `{` becomes the comma after `seq`.
+    let start = line.len();
+    let fields = serde_json::to_writer(&mut line, record).is_ok() && line.len() > start + 2;
+    if fields {
+        line[start] = b',';
+        line.pop();
+    } else {
+        // `{}`, or a record that could not be written: the line holds no fields.
+        line.truncate(start);
     }
     line.extend_from_slice(b",\"prev_hash\":\"");
     line.extend_from_slice(prev.as_bytes());
@@ -155,7 +161,7 @@ impl Snapshots {
     }
 
     /// Adds a batch that is on disk and ends with line `seq`, of hash `hash`.
-    fn fold(&mut self, batch: &[Record], seq: u64, hash: &str) {
+    fn fold<'a>(&mut self, batch: impl Iterator<Item = &'a Record>, seq: u64, hash: &str) {
         for record in batch {
             self.aggregate.note(&Fact {
                 kind: record.kind,
@@ -215,6 +221,43 @@ impl Snapshots {
     }
 }
 
+/// Lines handed to the file since it was last fsynced, with their records. A failed write
+/// or fsync rewrites them all; once synced they are counted, and only then folded into
+/// the snapshot.
+#[derive(Default)]
+struct Unsynced {
+    lines: Vec<Line>,
+    /// How many of `lines` the file holds.
+    in_file: usize,
+    /// When the oldest of them was written.
+    since: Option<Instant>,
+}
+
+/// A chained line and the record it was made from.
+struct Line {
+    bytes: Vec<u8>,
+    hash: String,
+    record: Record,
+}
+
+/// Lines now on disk for good, in order, and the seq of the last of them.
+#[derive(Default)]
+struct Durable {
+    lines: Vec<Line>,
+    last_seq: u64,
+}
+
+impl Unsynced {
+    /// How long until their fsync is due; `None` when there are none.
+    fn due_in(&self, interval: Duration) -> Option<Duration> {
+        self.since.map(|t| interval.saturating_sub(t.elapsed()))
+    }
+}
+
+/// Group commit: each batch is written as soon as the writer takes it, so a crash of the
+/// process (`kill -9`) loses only what is still queued; the fsync that makes the lines
+/// survive a power cut comes at most `commit_interval` after the oldest unsynced one, and
+/// covers every line written meanwhile.
 pub(super) fn run(
     shared: Arc<Shared>,
     settings: AuditSettings,
@@ -222,17 +265,16 @@ pub(super) fn run(
     mut snapshots: Option<Snapshots>,
 ) {
     let key = settings.hmac_key.as_ref().map(|k| k.expose().as_slice());
+    let mut unsynced = Unsynced::default();
     loop {
         let (batch, closing) = {
             let mut queue = lock(&shared.queue);
-            let mut snapshot_due = false;
             while queue.pending.is_empty() && !queue.closing {
-                // Idle with lines not yet in a snapshot: wake when one is due.
-                match snapshots.as_ref().and_then(Snapshots::due_in) {
-                    Some(wait) if wait.is_zero() => {
-                        snapshot_due = true;
-                        break;
-                    }
+                // Idle: wake when an fsync or a snapshot is due, if one is.
+                let sync = unsynced.due_in(settings.commit_interval);
+                let snapshot = snapshots.as_ref().and_then(Snapshots::due_in);
+                match sync.into_iter().chain(snapshot).min() {
+                    Some(wait) if wait.is_zero() => break,
                     Some(wait) => {
                         queue = shared
                             .wake
@@ -247,20 +289,52 @@ pub(super) fn run(
                     }
                 }
             }
-            if snapshot_due {
-                drop(queue);
-                if let Some(snapshots) = snapshots.as_mut() {
-                    snapshots.write();
+            (std::mem::take(&mut queue.pending), queue.closing)
+        };
+
+        for record in batch {
+            let seq = state.seq + 1;
+            let (bytes, hash) = encode_line(&record, seq, &state.prev, key);
+            state.seq = seq;
+            state.prev.clone_from(&hash);
+            unsynced.lines.push(Line {
+                bytes,
+                hash,
+                record,
+            });
+        }
+        let sync_due = closing || unsynced.due_in(settings.commit_interval) == Some(Duration::ZERO);
+        if !unsynced.lines.is_empty() {
+            let durable = write_until_done(
+                &shared,
+                &settings,
+                &mut state,
+                &mut unsynced,
+                sync_due,
+                closing,
+            );
+            match durable {
+                Some(durable) => done(&shared, &mut snapshots, durable),
+                None => {
+                    // Shut down with lines that would not go to disk.
+                    lock(&shared.queue).closed = true;
+                    shared.flushed.notify_all();
+                    // Still exact: it holds no line that failed.
+                    if let Some(snapshots) = snapshots.as_mut() {
+                        snapshots.write_if_dirty();
+                    }
+                    return;
                 }
-                continue;
             }
-            if !queue.closing && !settings.commit_interval.is_zero() {
-                // Let the group grow: under load one fsync covers many requests.
-                drop(queue);
-                std::thread::sleep(settings.commit_interval);
-                queue = lock(&shared.queue);
+        }
+        if let Some(snapshots) = snapshots.as_mut() {
+            if snapshots.due_in() == Some(Duration::ZERO) {
+                snapshots.write();
             }
-            if queue.pending.is_empty() && queue.closing {
+        }
+        if closing && unsynced.lines.is_empty() {
+            let mut queue = lock(&shared.queue);
+            if queue.pending.is_empty() {
                 // Marked under the lock: nothing can be appended after the last batch.
                 queue.closed = true;
                 drop(queue);
@@ -271,84 +345,119 @@ pub(super) fn run(
                 }
                 return;
             }
-            (std::mem::take(&mut queue.pending), queue.closing)
-        };
-
-        let mut lines = Vec::with_capacity(batch.len());
-        let mut prev = state.prev.clone();
-        for (i, record) in batch.iter().enumerate() {
-            let (line, hash) = encode_line(record, state.seq + 1 + i as u64, &prev, key);
-            lines.push(line);
-            prev = hash;
-        }
-
-        // Lines written so far, kept across retries so that none is written twice.
-        let mut written = 0;
-        let mut tries = 0;
-        while written < lines.len() {
-            match write_lines(&mut state, &settings, &lines, &mut written) {
-                Ok(()) => {}
-                Err(e) => {
-                    tries += 1;
-                    shared.write_errors_total.inc();
-                    let message = format!("cannot write the audit log: {e}");
-                    if shared.healthy.swap(false, Ordering::AcqRel) {
-                        tracing::error!("{message}; refusing new requests until it recovers");
-                    }
-                    *lock(&shared.last_error) = Some(message);
-                    // Shutdown may begin while this batch is failing: look again each time.
-                    let closing = closing || lock(&shared.queue).closing;
-                    if closing && tries >= RETRIES_AT_CLOSE {
-                        tracing::error!(
-                            lost = lines.len() - written,
-                            "giving up on the audit log at shutdown"
-                        );
-                        lock(&shared.queue).closed = true;
-                        shared.flushed.notify_all();
-                        // Still exact: it holds no line of the batch that failed.
-                        if let Some(snapshots) = snapshots.as_mut() {
-                            snapshots.write_if_dirty();
-                        }
-                        return;
-                    }
-                    std::thread::sleep(RETRY_AFTER);
-                }
-            }
-        }
-        state.seq += lines.len() as u64;
-        state.prev = prev;
-        shared.records_total.inc_by(batch.len() as u64);
-        lock(&shared.queue).written += batch.len() as u64;
-        shared.flushed.notify_all();
-        if !shared.healthy.swap(true, Ordering::AcqRel) {
-            tracing::info!("the audit log is writable again");
-            *lock(&shared.last_error) = None;
-        }
-        if let Some(snapshots) = snapshots.as_mut() {
-            // Folded only now that the batch is durable: a snapshot never counts a line
-            // the log could lose.
-            snapshots.fold(&batch, state.seq, &state.prev);
-            if snapshots.due_in() == Some(Duration::ZERO) {
-                snapshots.write();
-            }
         }
     }
 }
 
-/// Appends `lines[*written..]` and fsyncs, a file at a time: a file is rotated once it
-/// holds `max_file_bytes` (a single larger line still gets a file of its own). On failure
-/// the file is cut back to its last synced size, so a retry cannot leave half a write.
+/// Writes the unsynced lines, and fsyncs them when `sync`, trying again until it works.
+/// Returns the records now on disk for good (a rotation syncs the file it leaves), or
+/// `None` when the writer gives up at shutdown.
+fn write_until_done(
+    shared: &Shared,
+    settings: &AuditSettings,
+    state: &mut ChainState,
+    unsynced: &mut Unsynced,
+    sync: bool,
+    closing: bool,
+) -> Option<Durable> {
+    let mut durable = Durable::default();
+    let mut tries = 0;
+    loop {
+        match write_lines(state, settings, unsynced, sync, &mut durable) {
+            Ok(()) => break,
+            Err(e) => {
+                tries += 1;
+                shared.write_errors_total.inc();
+                let message = format!("cannot write the audit log: {e}");
+                if shared.healthy.swap(false, Ordering::AcqRel) {
+                    tracing::error!("{message}; refusing new requests until it recovers");
+                }
+                *lock(&shared.last_error) = Some(message);
+                // Shutdown may begin while this batch is failing: look again each time.
+                let closing = closing || lock(&shared.queue).closing;
+                if closing && tries >= RETRIES_AT_CLOSE {
+                    tracing::error!(
+                        lost = unsynced.lines.len(),
+                        "giving up on the audit log at shutdown"
+                    );
+                    return None;
+                }
+                std::thread::sleep(RETRY_AFTER);
+            }
+        }
+    }
+    if !shared.healthy.swap(true, Ordering::AcqRel) {
+        tracing::info!("the audit log is writable again");
+        *lock(&shared.last_error) = None;
+    }
+    Some(durable)
+}
+
+/// Counts records that are on disk for good, wakes whoever waits for them, and folds
+/// them into the snapshot: a snapshot never counts a line the log could lose.
+fn done(shared: &Shared, snapshots: &mut Option<Snapshots>, durable: Durable) {
+    let Some(last) = durable.lines.last() else {
+        return;
+    };
+    let count = durable.lines.len() as u64;
+    shared.records_total.inc_by(count);
+    lock(&shared.queue).written += count;
+    shared.flushed.notify_all();
+    if let Some(snapshots) = snapshots.as_mut() {
+        snapshots.fold(
+            durable.lines.iter().map(|l| &l.record),
+            durable.last_seq,
+            &last.hash,
+        );
+    }
+}
+
+/// Appends the lines the file does not hold yet, a file at a time: a file is rotated once
+/// it holds `max_file_bytes` (a single larger line still gets a file of its own), after an
+/// fsync of the one it leaves. With `sync`, the current file is fsynced at the end. Lines
+/// that reach disk for good move, with their records, to `durable`. On failure the file
+/// is cut back to its last synced size and every unsynced line will be written again, so
+/// a retry can neither leave half a write nor write a line twice.
 fn write_lines(
     state: &mut ChainState,
     settings: &AuditSettings,
-    lines: &[Vec<u8>],
-    written: &mut usize,
+    unsynced: &mut Unsynced,
+    sync: bool,
+    durable: &mut Durable,
 ) -> std::io::Result<()> {
-    while *written < lines.len() {
-        let next_len = lines[*written].len() as u64;
+    let result = append_and_sync(state, settings, unsynced, sync, durable);
+    if result.is_err() {
+        if let Some((file, _)) = state.file.as_ref() {
+            let _ = file.set_len(state.synced);
+        }
+        state.size = state.synced;
+        unsynced.in_file = 0;
+        if state.size == 0 {
+            // Leave no empty file whose name claims a sequence number.
+            if let Some((_, path)) = state.file.take() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+    result
+}
+
+fn append_and_sync(
+    state: &mut ChainState,
+    settings: &AuditSettings,
+    unsynced: &mut Unsynced,
+    sync: bool,
+    durable: &mut Durable,
+) -> std::io::Result<()> {
+    while unsynced.in_file < unsynced.lines.len() {
+        let next_len = unsynced.lines[unsynced.in_file].bytes.len() as u64;
         let full = state.size > 0 && state.size + next_len > settings.max_file_bytes;
+        if full {
+            // The lines in the file it leaves are on disk before the next file begins.
+            sync_file(state, unsynced, durable)?;
+        }
         if state.file.is_none() || full {
-            let first_seq = state.seq + 1 + *written as u64;
+            let first_seq = state.seq + 1 - (unsynced.lines.len() - unsynced.in_file) as u64;
             let path = settings.dir.join(format!("audit-{first_seq:012}.jsonl"));
             let file = OpenOptions::new().create(true).append(true).open(&path)?;
             let size = file.metadata()?.len();
@@ -358,32 +467,52 @@ fn write_lines(
             }
             state.file = Some((file, path));
             state.size = size;
+            state.synced = size;
         }
         let mut buf = Vec::new();
         let mut take = 0;
-        for line in &lines[*written..] {
-            let fits = state.size + (buf.len() + line.len()) as u64 <= settings.max_file_bytes;
+        for line in &unsynced.lines[unsynced.in_file..] {
+            let fits =
+                state.size + (buf.len() + line.bytes.len()) as u64 <= settings.max_file_bytes;
             if take > 0 && !fits {
                 break;
             }
-            buf.extend_from_slice(line);
+            buf.extend_from_slice(&line.bytes);
             take += 1;
         }
         let Some((file, _)) = state.file.as_mut() else {
             return Err(std::io::Error::other("no audit file"));
         };
-        if let Err(e) = file.write_all(&buf).and_then(|()| file.sync_data()) {
-            let _ = file.set_len(state.size);
-            if state.size == 0 {
-                // Leave no empty file whose name claims a sequence number.
-                if let Some((_, path)) = state.file.take() {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
-            return Err(e);
-        }
+        file.write_all(&buf)?;
+        unsynced.since.get_or_insert_with(Instant::now);
         state.size += buf.len() as u64;
-        *written += take;
+        unsynced.in_file += take;
     }
+    if sync {
+        sync_file(state, unsynced, durable)?;
+    }
+    Ok(())
+}
+
+/// Fsyncs the current file: the lines it holds are on disk for good.
+fn sync_file(
+    state: &mut ChainState,
+    unsynced: &mut Unsynced,
+    durable: &mut Durable,
+) -> std::io::Result<()> {
+    let Some((file, _)) = state.file.as_ref() else {
+        return Ok(());
+    };
+    if unsynced.in_file == 0 {
+        return Ok(());
+    }
+    file.sync_data()?;
+    state.synced = state.size;
+    durable
+        .lines
+        .extend(unsynced.lines.drain(..unsynced.in_file));
+    durable.last_seq = state.seq - unsynced.lines.len() as u64;
+    unsynced.in_file = 0;
+    unsynced.since = (!unsynced.lines.is_empty()).then(Instant::now);
     Ok(())
 }
