@@ -185,6 +185,10 @@ struct Queue {
     /// Records queued since the log was opened, and how many of them are on disk.
     appended: u64,
     written: u64,
+    /// The writer waits on `wake` and has not been woken since: only then does an append
+    /// signal it (a busy writer takes the record with its next batch, and a signal costs
+    /// a system call).
+    idle: bool,
 }
 
 struct Shared {
@@ -257,6 +261,7 @@ impl AuditLog {
                 closed: false,
                 appended: 0,
                 written: 0,
+                idle: false,
             }),
             wake: Condvar::new(),
             flushed: Condvar::new(),
@@ -292,8 +297,11 @@ impl AuditLog {
         }
         queue.pending.push(record);
         queue.appended += 1;
+        let idle = std::mem::take(&mut queue.idle);
         drop(queue);
-        self.shared.wake.notify_one();
+        if idle {
+            self.shared.wake.notify_one();
+        }
     }
 
     /// Whether new requests may be admitted: the last write succeeded and the writer is

@@ -54,7 +54,7 @@ pub type UpstreamBody = Either<Full<Bytes>, Upload>;
 /// What the proxy answers: a tapped provider response or an error it made itself.
 pub type ResponseBody = Either<Either<Tapped, StripUsage<Tapped>>, Full<Bytes>>;
 /// A provider's response body on its way to the client.
-pub type Tapped = TapBody<Incoming, Settlement>;
+pub type Tapped = TapBody<Incoming, Box<Settlement>>;
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// Everything derived from one version of the config; swapped whole on reload.
@@ -213,7 +213,8 @@ pub async fn handle(
     client_addr: SocketAddr,
 ) -> Response<ResponseBody> {
     let request_id = new_request_id();
-    let task = tokio::spawn(serve(state, req, client_addr, request_id.clone()));
+    // Boxed: the task then moves a pointer, not the whole state of the request.
+    let task = tokio::spawn(Box::pin(serve(state, req, client_addr, request_id.clone())));
     match task.await {
         Ok(response) => response,
         Err(e) => {
@@ -585,7 +586,7 @@ async fn forward(
         idle: timeouts.idle_timeout,
         deadline,
     };
-    let tapped = TapBody::new(body, settlement, limits);
+    let tapped = TapBody::new(body, Box::new(settlement), limits);
     let body = if strip {
         Either::Right(StripUsage::new(tapped))
     } else {

@@ -70,6 +70,17 @@ pub trait Observer: Send + 'static {
     fn on_end(self, end: StreamEnd);
 }
 
+/// A large observer rides boxed, so the response that carries it stays small to move.
+impl<O: Observer> Observer for Box<O> {
+    fn on_data(&mut self, data: &Bytes) -> Flow {
+        (**self).on_data(data)
+    }
+
+    fn on_end(self, end: StreamEnd) {
+        (*self).on_end(end);
+    }
+}
+
 /// Time limits for one response body.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamLimits {
