@@ -2,9 +2,10 @@
 //!
 //! The observer is shown every response frame (a refcounted `Bytes`; the client's copy
 //! is never touched) and keeps only what it needs: the usage reports, and, up to a
-//! bound, a copy of the bytes so that text can be counted if the provider never reports
-//! usage. JSON is parsed only for SSE events that carry a usage report, and for
-//! non-streamed bodies once, at the end.
+//! bound, what the fallback count would read if the provider never reports usage: of an
+//! event stream, the generated text of each event, picked out as it passes (a tenth of
+//! the bytes of a chat stream); of a whole body, the body. JSON is parsed only for SSE
+//! events that carry a usage report, and for non-streamed bodies once, at the end.
 //!
 //! The bytes are copied, not kept as `Bytes`: a frame from hyper is a slice of the
 //! connection's read buffer (8 KiB and up), so keeping the slice keeps the whole buffer,
@@ -65,8 +66,13 @@ struct Reported {
 pub struct UsageObserver {
     endpoint: Endpoint,
     sse: Option<SseParser>,
-    /// The frames kept for the fallback count, one after the other; grown on demand.
+    /// The frames, one after the other, grown on demand: of a whole body (read at the
+    /// end), or of any body when it is to be written to the audit log.
     held: Vec<u8>,
+    /// Whether `held` keeps the frames.
+    hold_frames: bool,
+    /// Of an event stream: the generated text of its events, for the fallback count.
+    text: String,
     /// Bytes seen past the bound, counted roughly if an estimate is needed.
     unheld_bytes: usize,
     reported: Reported,
@@ -83,6 +89,8 @@ impl UsageObserver {
             endpoint,
             sse: sse.then(|| SseParser::new(MAX_EVENT_BYTES)),
             held: Vec::new(),
+            hold_frames: !sse,
+            text: String::new(),
             unheld_bytes: 0,
             reported: Reported::default(),
             estimate: true,
@@ -97,21 +105,41 @@ impl UsageObserver {
         self
     }
 
+    /// Keeps the frames of an event stream too, for [`UsageObserver::held_text`].
+    pub fn holding_frames(mut self, hold: bool) -> Self {
+        self.hold_frames |= hold;
+        self
+    }
+
     /// Shows the observer the next frame of the response body.
     pub fn observe(&mut self, data: &Bytes) {
         if self.endpoint == Endpoint::Other || data.is_empty() {
             return;
         }
-        if self.held.len() + data.len() <= MAX_HELD_BYTES {
-            self.held.extend_from_slice(data);
-        } else {
-            self.unheld_bytes += data.len();
+        if self.hold_frames {
+            if self.held.len() + data.len() <= MAX_HELD_BYTES {
+                self.held.extend_from_slice(data);
+            } else if self.sse.is_none() {
+                self.unheld_bytes += data.len();
+            }
         }
         if let Some(parser) = &mut self.sse {
-            let (endpoint, reported, events) =
-                (self.endpoint, &mut self.reported, &mut self.events);
+            let (endpoint, reported, events, text, unheld) = (
+                self.endpoint,
+                &mut self.reported,
+                &mut self.events,
+                &mut self.text,
+                &mut self.unheld_bytes,
+            );
             parser.feed(data, &mut |event| {
                 *events += 1;
+                if text.len() < MAX_HELD_BYTES {
+                    generated_text(event.data, text);
+                } else {
+                    let mut past = String::new();
+                    generated_text(event.data, &mut past);
+                    *unheld += past.len();
+                }
                 read_event(endpoint, event, reported)
             });
         }
@@ -146,14 +174,15 @@ impl UsageObserver {
         }
     }
 
-    /// The response as far as it was kept, for `audit.include_bodies`.
+    /// The response as far as it was kept, for `audit.include_bodies` (see
+    /// [`UsageObserver::holding_frames`]).
     pub fn held_text(&self) -> String {
         String::from_utf8_lossy(&self.held).into_owned()
     }
 
-    /// Bytes of the response kept for the fallback count.
+    /// Bytes of the response kept: its frames, or the text of its events.
     pub fn held_bytes(&self) -> usize {
-        self.held.len()
+        self.held.len() + self.text.len()
     }
 
     /// SSE events dropped for exceeding the event bound.
@@ -199,24 +228,14 @@ impl UsageObserver {
         }
     }
 
-    /// The generated text found in the held frames, for the fallback count.
-    fn response_text(&self) -> String {
+    /// The generated text of the response, for the fallback count.
+    fn response_text(&mut self) -> String {
+        if self.sse.is_some() {
+            return std::mem::take(&mut self.text);
+        }
         let mut text = String::new();
-        match &self.sse {
-            Some(_) => {
-                // The parser gives the same events however the bytes are split.
-                let mut parser = SseParser::new(MAX_EVENT_BYTES);
-                parser.feed(&self.held, &mut |event: Event<'_>| {
-                    if let Ok(value) = serde_json::from_slice::<Value>(event.data) {
-                        collect_generated_text(&value, &mut text);
-                    }
-                });
-            }
-            None => {
-                if let Ok(value) = serde_json::from_slice::<Value>(&self.held) {
-                    collect_generated_text(&value, &mut text);
-                }
-            }
+        if let Ok(value) = serde_json::from_slice::<Value>(&self.held) {
+            collect_generated_text(&value, &mut text);
         }
         text
     }
@@ -450,6 +469,84 @@ fn collect_generated_text(value: &Value, out: &mut String) {
     }
 }
 
+/// Appends the string values of [`GENERATED_KEYS`] anywhere in a JSON document, as
+/// [`collect_generated_text`] finds them in a parsed one, without parsing it: the scan
+/// tracks only the open containers, whether the next string is a key, and whether the
+/// last key was one of those. A document that is not JSON gives what such a scan finds
+/// (it is only ever counted); nesting past 64 levels ends the scan.
+fn generated_text(json: &[u8], out: &mut String) {
+    // Bit n: the container at depth n + 1 is an object.
+    let mut objects: u64 = 0;
+    let mut depth: u32 = 0;
+    let in_object = |objects: u64, depth: u32| depth > 0 && objects >> (depth - 1) & 1 == 1;
+    let mut expect_key = false;
+    let mut wanted = false;
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            open @ (b'{' | b'[') => {
+                if depth == 64 {
+                    return;
+                }
+                objects = objects & !(1 << depth) | u64::from(open == b'{') << depth;
+                depth += 1;
+                expect_key = open == b'{';
+                wanted = false;
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                expect_key = false;
+                wanted = false;
+            }
+            b',' => expect_key = in_object(objects, depth),
+            b'"' => {
+                let start = i + 1;
+                let end = string_end(json, start);
+                let raw = &json[start..end];
+                if expect_key {
+                    wanted = GENERATED_KEYS.iter().any(|k| k.as_bytes() == raw);
+                    expect_key = false;
+                } else {
+                    if wanted && in_object(objects, depth) {
+                        push_json_string(&json[i..(end + 1).min(json.len())], raw, out);
+                    }
+                    wanted = false;
+                }
+                i = end;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+}
+
+/// Where the string whose content begins at `start` ends: its closing quote, or the end.
+fn string_end(json: &[u8], start: usize) -> usize {
+    let mut i = start;
+    while let Some(at) = memchr::memchr2(b'"', b'\\', &json[i..]) {
+        let at = i + at;
+        if json[at] == b'"' {
+            return at;
+        }
+        i = at + 2;
+        if i >= json.len() {
+            break;
+        }
+    }
+    json.len()
+}
+
+/// Appends a JSON string (`quoted`, with its quotes; `raw`, the bytes between them).
+fn push_json_string(quoted: &[u8], raw: &[u8], out: &mut String) {
+    if !raw.contains(&b'\\') {
+        out.push_str(&String::from_utf8_lossy(raw));
+    } else if let Ok(s) = serde_json::from_slice::<std::borrow::Cow<'_, str>>(quoted) {
+        out.push_str(&s);
+    } else {
+        out.push_str(&String::from_utf8_lossy(raw));
+    }
+}
+
 /// Keys of a request whose strings are what the model reads.
 const PROMPT_KEYS: [&str; 6] = [
     "messages",
@@ -637,10 +734,101 @@ mod tests {
             frame.is_unique(),
             "the observer keeps no reference to the frame"
         );
-        assert_eq!(o.held_bytes(), frame.len());
+        assert_eq!(
+            o.held_bytes(),
+            2,
+            "of an event stream, only the text 'hi' is kept"
+        );
         let m = o.finish("gpt-4o", b"{}");
         assert!(m.estimated);
         assert_eq!(m.usage.output, 1, "'hi' is one token");
+    }
+
+    #[test]
+    fn frames_are_kept_whole_for_the_audit_log_when_asked() {
+        let mut o = UsageObserver::new(Endpoint::ChatCompletions, true).holding_frames(true);
+        for chunk in CHAT_STREAM.as_bytes().chunks(7) {
+            o.observe(&Bytes::copy_from_slice(chunk));
+        }
+        assert_eq!(o.held_text(), CHAT_STREAM);
+        assert!(!o.finish("gpt-4o", b"{}").estimated);
+    }
+
+    #[test]
+    fn the_text_of_events_is_picked_out_as_a_parse_would_find_it() {
+        let cases = [
+            r#"{"choices":[{"delta":{"content":"a \"quoted\" \u00e9 \ud83d\ude00 word"}}]}"#,
+            r#"{"type":"content_block_delta","delta":{"type":"input_json_delta","partial_json":"{\"k\": 1}"}}"#,
+            r#"{"type":"response.output_text.delta","delta":"x","content":["not","keyed"]}"#,
+            r#"{ "content" : "spaced" , "text":{"content":"nested"}, "role":"content"}"#,
+            r#"{"tool_calls":[{"function":{"name":"f","arguments":"{\"a\":[1,2]}"}}]}"#,
+        ];
+        for json in cases {
+            let mut scanned = String::new();
+            generated_text(json.as_bytes(), &mut scanned);
+            let mut parsed = String::new();
+            collect_generated_text(&serde_json::from_str(json).unwrap(), &mut parsed);
+            assert_eq!(sorted(&scanned), sorted(&parsed), "{json}");
+        }
+        // Not JSON: whatever the scan finds, and no panic.
+        for (data, found) in [
+            ("[DONE]", ""),
+            (r#"{"content":"cut off"#, "cut off"),
+            (r#"{"content":"ends in \"#, r#"ends in \"#),
+            ("{{{{[[[", ""),
+        ] {
+            let mut scanned = String::new();
+            generated_text(data.as_bytes(), &mut scanned);
+            assert_eq!(scanned, found, "{data}");
+        }
+        let deep = "[".repeat(100) + r#"{"content":"deep"}"# + &"]".repeat(100);
+        let mut scanned = String::new();
+        generated_text(deep.as_bytes(), &mut scanned);
+        assert_eq!(scanned, "", "nesting past 64 levels ends the scan");
+    }
+
+    fn sorted(s: &str) -> Vec<char> {
+        let mut chars: Vec<char> = s.chars().collect();
+        chars.sort_unstable();
+        chars
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            proptest::sample::select(GENERATED_KEYS.to_vec()).prop_map(str::to_owned),
+            "[a-z_]{1,8}",
+            ".{0,6}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i32>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(5, 48, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                proptest::collection::vec((key.clone(), inner), 0..5)
+                    .prop_map(|pairs| Value::Object(pairs.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn scanning_finds_what_parsing_finds(value in json_value(), pretty in proptest::bool::ANY) {
+            let json = if pretty {
+                serde_json::to_vec_pretty(&value).unwrap()
+            } else {
+                serde_json::to_vec(&value).unwrap()
+            };
+            let mut scanned = String::new();
+            generated_text(&json, &mut scanned);
+            let mut parsed = String::new();
+            collect_generated_text(&value, &mut parsed);
+            proptest::prop_assert_eq!(sorted(&scanned), sorted(&parsed));
+        }
     }
 
     #[test]

@@ -559,7 +559,9 @@ async fn forward(
         request: json.unwrap_or_default(),
         // A provider's error answer is not billed: its usage counts if reported, and is
         // never estimated.
-        observer: UsageObserver::new(endpoint, sse).estimating(parts.status.is_success()),
+        observer: UsageObserver::new(endpoint, sse)
+            .estimating(parts.status.is_success())
+            .holding_frames(live.config.audit.include_bodies),
         decoder: parts
             .headers
             .get(http::header::CONTENT_ENCODING)
