@@ -288,7 +288,7 @@ impl AuditLog {
     /// Queues a record. Never blocks on I/O and never drops the record.
     pub fn append(&self, record: Record) {
         let mut queue = lock(&self.shared.queue);
-        if queue.closing && lock(&self.writer).is_none() {
+        if queue.closed {
             tracing::error!(
                 request_id = record.request_id,
                 "audit record after close, not written"

@@ -24,6 +24,9 @@ pub(super) struct ChainState {
     /// Bytes in the current file, and how many of them are known to be on disk.
     size: u64,
     synced: u64,
+    /// A failed write left bytes past `synced` that could not be cut off yet: nothing is
+    /// written until they are, or a retry would write lines twice.
+    cut_pending: bool,
 }
 
 /// How long a failing write waits before it is tried again.
@@ -82,12 +85,16 @@ pub(super) fn recover(settings: &AuditSettings) -> Result<ChainState, AuditError
             .append(true)
             .open(path)
             .map_err(|e| recover_err(e.to_string()))?;
+        // The last run may have stopped before its last fsync: what it left is made
+        // durable before any line follows it (or a snapshot counts it).
+        file.sync_all().map_err(|e| recover_err(e.to_string()))?;
         return Ok(ChainState {
             seq,
             prev: hash.to_owned(),
             file: Some((file, path.clone())),
             size: good_len as u64,
             synced: good_len as u64,
+            cut_pending: false,
         });
     }
     Ok(ChainState {
@@ -96,6 +103,7 @@ pub(super) fn recover(settings: &AuditSettings) -> Result<ChainState, AuditError
         file: None,
         size: 0,
         synced: 0,
+        cut_pending: false,
     })
 }
 
@@ -311,9 +319,11 @@ pub(super) fn run(
                 record,
             });
         }
-        let sync_due = closing || unsynced.due_in(settings.commit_interval) == Some(Duration::ZERO);
+        let sync_due = closing
+            || settings.commit_interval.is_zero()
+            || unsynced.due_in(settings.commit_interval) == Some(Duration::ZERO);
         if !unsynced.lines.is_empty() {
-            let durable = write_until_done(
+            let (durable, gave_up) = write_until_done(
                 &shared,
                 &settings,
                 &mut state,
@@ -321,18 +331,17 @@ pub(super) fn run(
                 sync_due,
                 closing,
             );
-            match durable {
-                Some(durable) => done(&shared, &mut snapshots, durable),
-                None => {
-                    // Shut down with lines that would not go to disk.
-                    lock(&shared.queue).closed = true;
-                    shared.flushed.notify_all();
-                    // Still exact: it holds no line that failed.
-                    if let Some(snapshots) = snapshots.as_mut() {
-                        snapshots.write_if_dirty();
-                    }
-                    return;
+            // Lines a rotation made durable count even when the writer then gives up.
+            done(&shared, &mut snapshots, durable);
+            if gave_up {
+                // Shut down with lines that would not go to disk.
+                lock(&shared.queue).closed = true;
+                shared.flushed.notify_all();
+                // Still exact: it holds no line that failed.
+                if let Some(snapshots) = snapshots.as_mut() {
+                    snapshots.write_if_dirty();
                 }
+                return;
             }
         }
         if let Some(snapshots) = snapshots.as_mut() {
@@ -358,8 +367,8 @@ pub(super) fn run(
 }
 
 /// Writes the unsynced lines, and fsyncs them when `sync`, trying again until it works.
-/// Returns the records now on disk for good (a rotation syncs the file it leaves), or
-/// `None` when the writer gives up at shutdown.
+/// Returns the records now on disk for good (a rotation syncs the file it leaves), and
+/// whether the writer gave up, at shutdown, on the rest.
 fn write_until_done(
     shared: &Shared,
     settings: &AuditSettings,
@@ -367,7 +376,7 @@ fn write_until_done(
     unsynced: &mut Unsynced,
     sync: bool,
     closing: bool,
-) -> Option<Durable> {
+) -> (Durable, bool) {
     let mut durable = Durable::default();
     let mut tries = 0;
     loop {
@@ -388,7 +397,7 @@ fn write_until_done(
                         lost = unsynced.lines.len(),
                         "giving up on the audit log at shutdown"
                     );
-                    return None;
+                    return (durable, true);
                 }
                 std::thread::sleep(RETRY_AFTER);
             }
@@ -398,7 +407,7 @@ fn write_until_done(
         tracing::info!("the audit log is writable again");
         *lock(&shared.last_error) = None;
     }
-    Some(durable)
+    (durable, false)
 }
 
 /// Counts records that are on disk for good, wakes whoever waits for them, and folds
@@ -433,21 +442,34 @@ fn write_lines(
     sync: bool,
     durable: &mut Durable,
 ) -> std::io::Result<()> {
+    if state.cut_pending {
+        cut_back(state)?;
+    }
     let result = append_and_sync(state, settings, unsynced, sync, durable);
     if result.is_err() {
-        if let Some((file, _)) = state.file.as_ref() {
-            let _ = file.set_len(state.synced);
-        }
         state.size = state.synced;
         unsynced.in_file = 0;
-        if state.size == 0 {
-            // Leave no empty file whose name claims a sequence number.
-            if let Some((_, path)) = state.file.take() {
-                let _ = std::fs::remove_file(path);
-            }
-        }
+        state.cut_pending = true;
+        // If this fails too, the next try begins with it.
+        let _ = cut_back(state);
     }
     result
+}
+
+/// Cuts the current file back to its last synced size: the unsynced lines will be
+/// written again. A file that holds nothing synced goes, so that no empty file's name
+/// claims a sequence number.
+fn cut_back(state: &mut ChainState) -> std::io::Result<()> {
+    if let Some((file, path)) = state.file.as_ref() {
+        if state.synced == 0 {
+            std::fs::remove_file(path)?;
+            state.file = None;
+        } else {
+            file.set_len(state.synced)?;
+        }
+    }
+    state.cut_pending = false;
+    Ok(())
 }
 
 fn append_and_sync(
