@@ -269,17 +269,12 @@ async fn shutdown_lets_in_flight_streams_finish_and_refuses_new_connections() {
 
     // Wait for the process to exit by itself within the grace period.
     let mut proxy = proxy;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Some(exit) = proxy.proc.child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the proxy did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exit = exit_within(
+        &mut proxy,
+        Duration::from_secs(10),
+        "the proxy did not exit after SIGTERM",
+    )
+    .await;
     assert!(exit.success(), "{exit:?}");
     assert!(
         std::net::TcpStream::connect(proxy.addr).is_err(),
@@ -307,19 +302,26 @@ async fn a_connection_that_never_spoke_does_not_hold_up_shutdown() {
     assert!(status.success());
     let mut proxy = proxy;
     // The grace period is 10 s: an exit well before it was not waiting for the silent one.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let exit = loop {
-        if let Some(exit) = proxy.proc.child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "shutdown waited for a connection that never spoke"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exit = exit_within(
+        &mut proxy,
+        Duration::from_secs(5),
+        "shutdown waited for a connection that never spoke",
+    )
+    .await;
     assert!(exit.success(), "{exit:?}");
     drop(silent);
+}
+
+/// Waits for the proxy to exit by itself; fails with `why` if it has not within `limit`.
+async fn exit_within(proxy: &mut Proxy, limit: Duration, why: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(exit) = proxy.proc.child.try_wait().unwrap() {
+            return exit;
+        }
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 // === misbehaving upstreams: broken streams, disagreeing usage, provider errors ===
