@@ -314,7 +314,7 @@ async fn admin(
     let mut caller = Caller {
         by: String::new(),
         client: peer.to_string(),
-        method: method.to_string(),
+        method: method.as_str().to_owned(),
         path,
     };
     match live.admin_tokens.check(req.headers()) {

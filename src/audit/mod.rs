@@ -134,7 +134,11 @@ impl Serialize for Fingerprint {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
             Fingerprint::Hex(hex) => serializer.serialize_str(hex),
-            Fingerprint::Of(_) => serializer.serialize_str(&self.hex()),
+            Fingerprint::Of(body) => {
+                let hex = digest_hex(&<sha2::Sha256 as sha2::Digest>::digest(body).into());
+                // Hex digits are UTF-8.
+                serializer.serialize_str(std::str::from_utf8(&hex).unwrap_or_default())
+            }
         }
     }
 }
@@ -373,21 +377,55 @@ pub fn hex_lower(digest: &[u8]) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// The hash that chains a line: SHA-256 of its bytes (up to and including `prev_hash`),
-/// or HMAC-SHA-256 with the key, lower-case hex.
-pub fn chain_hash(key: Option<&[u8]>, line: &[u8]) -> String {
-    use hmac::Mac;
-    use sha2::Digest;
-    match key {
-        Some(key) => match hmac::Hmac::<sha2::Sha256>::new_from_slice(key) {
-            Ok(mut mac) => {
-                mac.update(line);
-                hex_lower(&mac.finalize().into_bytes())
+/// A SHA-256 digest as lower-case hex, on the stack.
+pub(crate) fn digest_hex(digest: &[u8; 32]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, b) in digest.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    }
+    out
+}
+
+/// The hash that chains a line: SHA-256 of its bytes up to and including `prev_hash`,
+/// with the object closed (`…"prev_hash":"…"}`), or HMAC-SHA-256 of them with the key;
+/// lower-case hex. The writer and every reader of the log hash through this one type.
+#[derive(Clone)]
+pub struct LineHasher {
+    /// The HMAC state after the key, cloned per line (cheaper than keying it again).
+    mac: Option<hmac::Hmac<sha2::Sha256>>,
+}
+
+impl LineHasher {
+    pub fn new(key: Option<&[u8]>) -> LineHasher {
+        use hmac::Mac;
+        LineHasher {
+            // HMAC takes keys of any length: `new_from_slice` cannot fail.
+            mac: key.and_then(|k| hmac::Hmac::<sha2::Sha256>::new_from_slice(k).ok()),
+        }
+    }
+
+    /// The hash of a line whose bytes up to `prev_hash`'s closing quote are `covered`:
+    /// the `}` that closes the object is hashed after them, not written into them.
+    pub fn hash(&self, covered: &[u8]) -> [u8; 64] {
+        use hmac::Mac;
+        use sha2::Digest;
+        let digest: [u8; 32] = match &self.mac {
+            Some(mac) => {
+                let mut mac = mac.clone();
+                mac.update(covered);
+                mac.update(b"}");
+                mac.finalize().into_bytes().into()
             }
-            // HMAC takes keys of any length; this arm cannot be reached.
-            Err(_) => hex_lower(&sha2::Sha256::digest(line)),
-        },
-        None => hex_lower(&sha2::Sha256::digest(line)),
+            None => {
+                let mut sha = sha2::Sha256::new();
+                sha.update(covered);
+                sha.update(b"}");
+                sha.finalize().into()
+            }
+        };
+        digest_hex(&digest)
     }
 }
 

@@ -3,10 +3,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
-
-use super::GENESIS_HASH;
+use super::{LineHasher, GENESIS_HASH};
 
 /// `,"hash":"` + 64 hex digits + `"}`.
 const HASH_SUFFIX_LEN: usize = 9 + 64 + 2;
@@ -100,8 +97,7 @@ struct Links<'a> {
 /// its link to the line before, without allocating (`tokenwarden audit verify` and
 /// `tokenwarden report` both read through it).
 pub struct Chain {
-    /// The HMAC state after the key, cloned per line (cheaper than keying it again).
-    mac: Option<Hmac<Sha256>>,
+    hasher: LineHasher,
     /// The last linked line: its seq and its hash as written (hex).
     prev: Option<(u64, [u8; 64])>,
 }
@@ -109,8 +105,7 @@ pub struct Chain {
 impl Chain {
     pub fn new(key: Option<&[u8]>) -> Chain {
         Chain {
-            // HMAC takes keys of any length: `new_from_slice` cannot fail.
-            mac: key.and_then(|k| Hmac::<Sha256>::new_from_slice(k).ok()),
+            hasher: LineHasher::new(key),
             prev: None,
         }
     }
@@ -142,22 +137,9 @@ impl Chain {
             return Err("the hash is not the last field".into());
         }
         let covered = &line[..line.len() - HASH_SUFFIX_LEN];
-        let got: [u8; 32] = match &self.mac {
-            Some(mac) => {
-                let mut mac = mac.clone();
-                mac.update(covered);
-                mac.update(b"}");
-                mac.finalize().into_bytes().into()
-            }
-            None => {
-                let mut sha = Sha256::new();
-                sha.update(covered);
-                sha.update(b"}");
-                sha.finalize().into()
-            }
-        };
+        let got = self.hasher.hash(covered);
         // The writer writes lower-case hex: compare as text, no decoding.
-        if lower_hex(&got) != hash.as_bytes() {
+        if got != hash.as_bytes() {
             return Err(format!("seq {seq}: the line was altered (hash mismatch)"));
         }
         Ok(())
@@ -202,17 +184,6 @@ impl Chain {
     pub fn resume_after(&mut self, seq: u64, hash: &str) {
         self.prev = <[u8; 64]>::try_from(hash.as_bytes()).ok().map(|h| (seq, h));
     }
-}
-
-/// A digest as lower-case hex.
-fn lower_hex(digest: &[u8; 32]) -> [u8; 64] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 64];
-    for (i, b) in digest.iter().enumerate() {
-        out[2 * i] = DIGITS[usize::from(b >> 4)];
-        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
-    }
-    out
 }
 
 fn broken(file: &Path, line: usize, reason: String) -> Broken {

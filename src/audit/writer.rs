@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::standing::Fact;
 use super::{
-    chain_hash, lock, log_files, AuditError, AuditSettings, Record, Shared, SnapshotSettings,
+    lock, log_files, AuditError, AuditSettings, LineHasher, Record, Shared, SnapshotSettings,
     GENESIS_HASH,
 };
 use crate::ledger::snapshot::{spend_of, write_atomic, Aggregate};
@@ -19,7 +19,8 @@ use crate::ledger::snapshot::{spend_of, write_atomic, Aggregate};
 /// Where the chain stands.
 pub(super) struct ChainState {
     seq: u64,
-    prev: String,
+    /// The hash of line `seq` (lower-case hex).
+    prev: [u8; 64],
     file: Option<(File, PathBuf)>,
     /// Bytes in the current file, and how many of them are known to be on disk.
     size: u64,
@@ -80,7 +81,8 @@ pub(super) fn recover(settings: &AuditSettings) -> Result<ChainState, AuditError
             .ok_or_else(|| recover_err("no seq".into()))?;
         let hash = value["hash"]
             .as_str()
-            .ok_or_else(|| recover_err("no hash".into()))?;
+            .and_then(|h| <[u8; 64]>::try_from(h.as_bytes()).ok())
+            .ok_or_else(|| recover_err("no hash of 64 hex digits".into()))?;
         let file = OpenOptions::new()
             .append(true)
             .open(path)
@@ -90,7 +92,7 @@ pub(super) fn recover(settings: &AuditSettings) -> Result<ChainState, AuditError
         file.sync_all().map_err(|e| recover_err(e.to_string()))?;
         return Ok(ChainState {
             seq,
-            prev: hash.to_owned(),
+            prev: hash,
             file: Some((file, path.clone())),
             size: good_len as u64,
             synced: good_len as u64,
@@ -99,7 +101,7 @@ pub(super) fn recover(settings: &AuditSettings) -> Result<ChainState, AuditError
     }
     Ok(ChainState {
         seq: 0,
-        prev: GENESIS_HASH.to_owned(),
+        prev: genesis(),
         file: None,
         size: 0,
         synced: 0,
@@ -107,36 +109,43 @@ pub(super) fn recover(settings: &AuditSettings) -> Result<ChainState, AuditError
     })
 }
 
-/// Encodes one record as a chained line: `{"seq":N,<record fields>,"prev_hash":"…","hash":"…"}`.
-/// The hash covers every byte before `,"hash"` with the object closed.
+fn genesis() -> [u8; 64] {
+    let mut hash = [b'0'; 64];
+    hash.copy_from_slice(GENESIS_HASH.as_bytes());
+    hash
+}
+
+/// Appends one record to `out` as a chained line,
+/// `{"seq":N,<record fields>,"prev_hash":"…","hash":"…"}` and a newline, and returns its
+/// hash, which covers every byte before `,"hash"` with the object closed.
 pub(super) fn encode_line(
     record: &Record,
     seq: u64,
-    prev: &str,
-    key: Option<&[u8]>,
-) -> (Vec<u8>, String) {
-    let mut line = Vec::with_capacity(1024);
-    line.extend_from_slice(b"{\"seq\":");
-    line.extend_from_slice(seq.to_string().as_bytes());
+    prev: &[u8; 64],
+    hasher: &LineHasher,
+    out: &mut Vec<u8>,
+) -> [u8; 64] {
+    let begin = out.len();
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
     // The record's own object goes on in place: its `{` becomes the comma after `seq`.
-    let start = line.len();
-    let fields = serde_json::to_writer(&mut line, record).is_ok() && line.len() > start + 2;
+    let start = out.len();
+    let fields = serde_json::to_writer(&mut *out, record).is_ok() && out.len() > start + 2;
     if fields {
-        line[start] = b',';
-        line.pop();
+        out[start] = b',';
+        out.pop();
     } else {
         // `{}`, or a record that could not be written: the line holds no fields.
-        line.truncate(start);
+        out.truncate(start);
     }
-    line.extend_from_slice(b",\"prev_hash\":\"");
-    line.extend_from_slice(prev.as_bytes());
-    line.extend_from_slice(b"\"}");
-    let hash = chain_hash(key, &line);
-    line.pop();
-    line.extend_from_slice(b",\"hash\":\"");
-    line.extend_from_slice(hash.as_bytes());
-    line.extend_from_slice(b"\"}\n");
-    (line, hash)
+    out.extend_from_slice(b",\"prev_hash\":\"");
+    out.extend_from_slice(prev);
+    out.push(b'"');
+    let hash = hasher.hash(&out[begin..]);
+    out.extend_from_slice(b",\"hash\":\"");
+    out.extend_from_slice(&hash);
+    out.extend_from_slice(b"\"}\n");
+    hash
 }
 
 /// The ledger snapshot the writer keeps: the spend of every line it has made durable.
@@ -234,19 +243,24 @@ impl Snapshots {
 /// Lines handed to the file since it was last fsynced, with their records. A failed write
 /// or fsync rewrites them all; once synced they are counted, and only then folded into
 /// the snapshot.
+/// The bytes of all of them are in one buffer, kept from batch to batch.
 #[derive(Default)]
 struct Unsynced {
+    /// The lines' bytes, one after the other.
+    bytes: Vec<u8>,
     lines: Vec<Line>,
-    /// How many of `lines` the file holds.
+    /// How many of `lines` the file holds, and their bytes.
     in_file: usize,
+    in_file_bytes: usize,
     /// When the oldest of them was written.
     since: Option<Instant>,
 }
 
-/// A chained line and the record it was made from.
+/// A chained line (its length in [`Unsynced::bytes`] and its hash) and the record it
+/// was made from.
 struct Line {
-    bytes: Vec<u8>,
-    hash: String,
+    len: usize,
+    hash: [u8; 64],
     record: Record,
 }
 
@@ -274,10 +288,14 @@ pub(super) fn run(
     mut state: ChainState,
     mut snapshots: Option<Snapshots>,
 ) {
-    let key = settings.hmac_key.as_ref().map(|k| k.expose().as_slice());
+    let hasher = LineHasher::new(settings.hmac_key.as_ref().map(|k| k.expose().as_slice()));
     let mut unsynced = Unsynced::default();
+    // The batch taken from the queue, emptied and given back to it next time: neither
+    // side allocates a queue per batch.
+    let mut batch: Vec<Record> = Vec::new();
+    let mut durable = Durable::default();
     loop {
-        let (batch, closing) = {
+        let closing = {
             let mut queue = lock(&shared.queue);
             while queue.pending.is_empty() && !queue.closing {
                 // Wake when an fsync or a snapshot is due, if one is. While lines wait for
@@ -305,16 +323,18 @@ pub(super) fn run(
                 }
             }
             queue.idle = false;
-            (std::mem::take(&mut queue.pending), queue.closing)
+            std::mem::swap(&mut queue.pending, &mut batch);
+            queue.closing
         };
 
-        for record in batch {
+        for record in batch.drain(..) {
             let seq = state.seq + 1;
-            let (bytes, hash) = encode_line(&record, seq, &state.prev, key);
+            let before = unsynced.bytes.len();
+            let hash = encode_line(&record, seq, &state.prev, &hasher, &mut unsynced.bytes);
             state.seq = seq;
-            state.prev.clone_from(&hash);
+            state.prev = hash;
             unsynced.lines.push(Line {
-                bytes,
+                len: unsynced.bytes.len() - before,
                 hash,
                 record,
             });
@@ -323,16 +343,17 @@ pub(super) fn run(
             || settings.commit_interval.is_zero()
             || unsynced.due_in(settings.commit_interval) == Some(Duration::ZERO);
         if !unsynced.lines.is_empty() {
-            let (durable, gave_up) = write_until_done(
+            let gave_up = write_until_done(
                 &shared,
                 &settings,
                 &mut state,
                 &mut unsynced,
+                &mut durable,
                 sync_due,
                 closing,
             );
             // Lines a rotation made durable count even when the writer then gives up.
-            done(&shared, &mut snapshots, durable);
+            done(&shared, &mut snapshots, &mut durable);
             if gave_up {
                 // Shut down with lines that would not go to disk.
                 lock(&shared.queue).closed = true;
@@ -367,20 +388,20 @@ pub(super) fn run(
 }
 
 /// Writes the unsynced lines, and fsyncs them when `sync`, trying again until it works.
-/// Returns the records now on disk for good (a rotation syncs the file it leaves), and
-/// whether the writer gave up, at shutdown, on the rest.
+/// The records now on disk for good (a rotation syncs the file it leaves) move to
+/// `durable`. Returns whether the writer gave up, at shutdown, on the rest.
 fn write_until_done(
     shared: &Shared,
     settings: &AuditSettings,
     state: &mut ChainState,
     unsynced: &mut Unsynced,
+    durable: &mut Durable,
     sync: bool,
     closing: bool,
-) -> (Durable, bool) {
-    let mut durable = Durable::default();
+) -> bool {
     let mut tries = 0;
     loop {
-        match write_lines(state, settings, unsynced, sync, &mut durable) {
+        match write_lines(state, settings, unsynced, sync, durable) {
             Ok(()) => break,
             Err(e) => {
                 tries += 1;
@@ -397,7 +418,7 @@ fn write_until_done(
                         lost = unsynced.lines.len(),
                         "giving up on the audit log at shutdown"
                     );
-                    return (durable, true);
+                    return true;
                 }
                 std::thread::sleep(RETRY_AFTER);
             }
@@ -407,12 +428,13 @@ fn write_until_done(
         tracing::info!("the audit log is writable again");
         *lock(&shared.last_error) = None;
     }
-    (durable, false)
+    false
 }
 
 /// Counts records that are on disk for good, wakes whoever waits for them, and folds
-/// them into the snapshot: a snapshot never counts a line the log could lose.
-fn done(shared: &Shared, snapshots: &mut Option<Snapshots>, durable: Durable) {
+/// them into the snapshot: a snapshot never counts a line the log could lose. Leaves
+/// `durable` empty.
+fn done(shared: &Shared, snapshots: &mut Option<Snapshots>, durable: &mut Durable) {
     let Some(last) = durable.lines.last() else {
         return;
     };
@@ -424,9 +446,10 @@ fn done(shared: &Shared, snapshots: &mut Option<Snapshots>, durable: Durable) {
         snapshots.fold(
             durable.lines.iter().map(|l| &l.record),
             durable.last_seq,
-            &last.hash,
+            std::str::from_utf8(&last.hash).unwrap_or_default(),
         );
     }
+    durable.lines.clear();
 }
 
 /// Appends the lines the file does not hold yet, a file at a time: a file is rotated once
@@ -449,6 +472,7 @@ fn write_lines(
     if result.is_err() {
         state.size = state.synced;
         unsynced.in_file = 0;
+        unsynced.in_file_bytes = 0;
         state.cut_pending = true;
         // If this fails too, the next try begins with it.
         let _ = cut_back(state);
@@ -480,7 +504,7 @@ fn append_and_sync(
     durable: &mut Durable,
 ) -> std::io::Result<()> {
     while unsynced.in_file < unsynced.lines.len() {
-        let next_len = unsynced.lines[unsynced.in_file].bytes.len() as u64;
+        let next_len = unsynced.lines[unsynced.in_file].len as u64;
         let full = state.size > 0 && state.size + next_len > settings.max_file_bytes;
         if full {
             // The lines in the file it leaves are on disk before the next file begins.
@@ -499,24 +523,25 @@ fn append_and_sync(
             state.size = size;
             state.synced = size;
         }
-        let mut buf = Vec::new();
+        let mut len = 0;
         let mut take = 0;
         for line in &unsynced.lines[unsynced.in_file..] {
-            let fits =
-                state.size + (buf.len() + line.bytes.len()) as u64 <= settings.max_file_bytes;
+            let fits = state.size + (len + line.len) as u64 <= settings.max_file_bytes;
             if take > 0 && !fits {
                 break;
             }
-            buf.extend_from_slice(&line.bytes);
+            len += line.len;
             take += 1;
         }
         let Some((file, _)) = state.file.as_mut() else {
             return Err(std::io::Error::other("no audit file"));
         };
-        file.write_all(&buf)?;
+        let from = unsynced.in_file_bytes;
+        file.write_all(&unsynced.bytes[from..from + len])?;
         unsynced.since.get_or_insert_with(Instant::now);
-        state.size += buf.len() as u64;
+        state.size += len as u64;
         unsynced.in_file += take;
+        unsynced.in_file_bytes += len;
     }
     if sync {
         sync_file(state, unsynced, durable)?;
@@ -541,8 +566,10 @@ fn sync_file(
     durable
         .lines
         .extend(unsynced.lines.drain(..unsynced.in_file));
+    unsynced.bytes.drain(..unsynced.in_file_bytes);
     durable.last_seq = state.seq - unsynced.lines.len() as u64;
     unsynced.in_file = 0;
+    unsynced.in_file_bytes = 0;
     unsynced.since = (!unsynced.lines.is_empty()).then(Instant::now);
     Ok(())
 }

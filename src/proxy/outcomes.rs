@@ -83,7 +83,7 @@ pub async fn handle(
     };
     let origin = Origin {
         request_id: meta.request_id.to_str().unwrap_or_default().to_owned(),
-        method: meta.method.to_string(),
+        method: meta.method.as_str().to_owned(),
         path: meta.path.clone(),
         client: meta.client_addr.to_string(),
         by: None,
