@@ -375,3 +375,55 @@ async fn an_unwritable_log_fails_closed_with_503_and_recovers() {
     let (ok, text) = verify(&proxy);
     assert!(ok, "{text}");
 }
+
+/// The scheduling policy of a thread of `pid` by name, from `/proc` (0 normal, 5 idle).
+fn thread_policy(pid: u32, name: &str) -> Option<u32> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let task = task.ok()?.path();
+        if std::fs::read_to_string(task.join("comm")).ok()?.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+        // Fields after the name in parentheses begin with the third, `state`; the policy
+        // is the 41st.
+        let after_name = &stat[stat.rfind(')')? + 2..];
+        return after_name.split(' ').nth(41 - 3)?.parse().ok();
+    }
+    None
+}
+
+/// Whether this process may raise a thread's priority (`CAP_SYS_NICE`), as the proxy it
+/// starts may.
+fn may_renice() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .unwrap();
+    caps & (1 << 23) != 0
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_writer_yields_the_core_to_requests_where_it_may_take_it_back() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&mock));
+    for _ in 0..20 {
+        let (status, _, _) = post_json(
+            &proxy.url("/openai/v1/chat/completions"),
+            &[("authorization", &bearer(KEY_A))],
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(proxy.wait_for_audit_lines(20).await.len(), 20);
+    // SCHED_IDLE where the proxy could move the writer back when it falls behind; the
+    // normal class where it could not.
+    let want = if may_renice() { 5 } else { 0 };
+    assert_eq!(thread_policy(proxy.proc.pid(), "audit-writer"), Some(want));
+    assert_eq!(thread_policy(proxy.proc.pid(), "tokio-rt-worker"), Some(0));
+    let (ok, text) = verify(&proxy);
+    assert!(ok, "{text}");
+}

@@ -15,6 +15,7 @@
 //! record is fsynced and every `snapshot.interval` (and at close) writes the total of the
 //! lines written so far, so that a start replays only the lines after it.
 
+mod class;
 mod restore;
 pub mod standing;
 pub mod verify;
@@ -205,6 +206,8 @@ struct Shared {
     last_error: Mutex<Option<String>>,
     records_total: IntCounter,
     write_errors_total: IntCounter,
+    /// The writer thread's scheduling class.
+    class: class::WriterClass,
 }
 
 /// The handle the proxy holds; cheap to share.
@@ -273,6 +276,7 @@ impl AuditLog {
             last_error: Mutex::new(None),
             records_total,
             write_errors_total,
+            class: class::WriterClass::default(),
         });
         let thread_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -301,11 +305,13 @@ impl AuditLog {
         }
         queue.pending.push(record);
         queue.appended += 1;
+        let queued = queue.pending.len();
         let idle = std::mem::take(&mut queue.idle);
         drop(queue);
         if idle {
             self.shared.wake.notify_one();
         }
+        self.shared.class.queued(queued);
     }
 
     /// Whether new requests may be admitted: the last write succeeded and the writer is

@@ -32,7 +32,7 @@ pub(super) struct ChainState {
 
 /// How long a failing write waits before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
-/// While lines wait for their fsync, new records wait at most this long to be written.
+/// While lines wait for their fsync, records are taken from the queue at most this often.
 const GATHER: Duration = Duration::from_millis(1);
 /// Tries at shutdown before the writer gives up on a failing disk.
 const RETRIES_AT_CLOSE: u32 = 10;
@@ -294,17 +294,28 @@ pub(super) fn run(
     // side allocates a queue per batch.
     let mut batch: Vec<Record> = Vec::new();
     let mut durable = Durable::default();
+    let mut last_take = Instant::now();
+    shared.class.enter();
     loop {
         let closing = {
             let mut queue = lock(&shared.queue);
-            while queue.pending.is_empty() && !queue.closing {
-                // Wake when an fsync or a snapshot is due, if one is. While lines wait for
-                // their fsync, records are gathered for a moment instead of each waking
-                // the writer (a wake on the proxy's core costs more than the record).
+            while !queue.closing {
+                // Wake when records are to be taken, an fsync or a snapshot is due. While
+                // lines wait for their fsync, records are taken at most every `GATHER`,
+                // not as each comes: each take is a wake and a write on the proxy's core,
+                // which cost more than the record. With nothing unsynced, the first
+                // record is taken at once.
                 let sync = unsynced.due_in(settings.commit_interval);
+                let take = if queue.pending.is_empty() {
+                    // A writer with lines unsynced is not signalled: it looks again.
+                    sync.map(|_| GATHER)
+                } else if sync.is_some() {
+                    Some(GATHER.saturating_sub(last_take.elapsed()))
+                } else {
+                    Some(Duration::ZERO)
+                };
                 let snapshot = snapshots.as_ref().and_then(Snapshots::due_in);
-                let gather = sync.map(|_| GATHER);
-                let wait = sync.into_iter().chain(snapshot).chain(gather).min();
+                let wait = sync.into_iter().chain(snapshot).chain(take).min();
                 queue.idle = sync.is_none();
                 match wait {
                     Some(wait) if wait.is_zero() => break,
@@ -324,9 +335,11 @@ pub(super) fn run(
             }
             queue.idle = false;
             std::mem::swap(&mut queue.pending, &mut batch);
+            last_take = Instant::now();
             queue.closing
         };
 
+        shared.class.taken(batch.len());
         for record in batch.drain(..) {
             let seq = state.seq + 1;
             let before = unsynced.bytes.len();
