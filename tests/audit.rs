@@ -427,3 +427,62 @@ async fn the_writer_yields_the_core_to_requests_where_it_may_take_it_back() {
     let (ok, text) = verify(&proxy);
     assert!(ok, "{text}");
 }
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_writer_that_falls_behind_gets_the_normal_class_until_it_has_caught_up() {
+    if !may_renice() {
+        // It never leaves the normal class: the test above holds that.
+        return;
+    }
+    let mock = Mock::start();
+    // As in the fail-closed test: a file of its own per line, so the next can be blocked.
+    let config = config(&mock).replace(
+        "[upstream]",
+        "[audit]\ninclude_bodies = true\nmax_file_bytes = 4096\n[upstream]",
+    );
+    let proxy = Proxy::start(&config);
+    let big = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(5000)
+    );
+    let auth = bearer(KEY_A);
+    let url = proxy.url("/openai/v1/chat/completions");
+    let headers = [("authorization", auth.as_str())];
+    assert_eq!(post_json(&url, &headers, &big).await.0, 200);
+    proxy.wait_for_audit_lines(1).await;
+    let pid = proxy.proc.pid();
+    assert_eq!(thread_policy(pid, "audit-writer"), Some(5));
+
+    // The writer retries a failing write while every refusal queues a record of its own:
+    // past 256 queued, the request path moves it to the normal class.
+    let blocker = proxy.dir.path().join("data/audit/audit-000000000002.jsonl");
+    std::fs::create_dir(&blocker).unwrap();
+    let mut refused = 0;
+    for _ in 0..2000 {
+        if post_json(&url, &headers, &big).await.0 == 503 {
+            refused += 1;
+            if refused > 300 {
+                break;
+            }
+        }
+    }
+    assert!(refused > 300, "only {refused} requests refused");
+    assert_eq!(thread_policy(pid, "audit-writer"), Some(0));
+
+    // Once the disk is back and the backlog written, the writer returns to the idle class
+    // (a second after it was moved, at a take of few records).
+    std::fs::remove_dir(&blocker).unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        let _ = post_json(&url, &headers, &big).await;
+        if thread_policy(pid, "audit-writer") == Some(5) {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(back, "the writer stayed in the normal class");
+    let (ok, text) = verify(&proxy);
+    assert!(ok, "{text}");
+}
