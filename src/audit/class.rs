@@ -60,11 +60,15 @@ impl WriterClass {
             && self.idle.load(Ordering::Relaxed)
             && self.idle.swap(false, Ordering::AcqRel)
         {
-            if let Some(thread) = self.thread.get() {
-                *lock(&self.moved) = Some(Instant::now());
-                if thread.set(Class::Normal) {
-                    tracing::debug!(records, "audit writer behind: normal scheduling class");
-                }
+            let Some(thread) = self.thread.get() else {
+                return;
+            };
+            *lock(&self.moved) = Some(Instant::now());
+            if thread.set(Class::Normal) {
+                tracing::debug!(records, "audit writer behind: normal scheduling class");
+            } else {
+                // Still idle: the next record tries again.
+                self.idle.store(true, Ordering::Release);
             }
         }
     }
