@@ -325,16 +325,22 @@ pub async fn wait_for_audit_lines_in(dir: &Path, n: usize) -> Vec<Value> {
     );
 }
 
-/// Every line of the audit files in `dir`, parsed, in chain order.
+/// Every line of the audit files in `dir`, parsed, in chain order. The log may be being
+/// written: a last line without its newline yet is not read.
 pub fn audit_lines_in(dir: &Path) -> Vec<Value> {
     tokenwarden::audit::log_files(dir)
         .unwrap_or_default()
         .iter()
         .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
+            let bytes = std::fs::read(f).unwrap();
+            let written = bytes
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(&[][..], |end| &bytes[..end]);
+            written
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).unwrap())
                 .collect::<Vec<Value>>()
         })
         .collect()
