@@ -308,20 +308,25 @@ async fn bodies_are_written_only_when_asked() {
         .contains("tok0 tok1"));
 }
 
-#[tokio::test]
-async fn an_unwritable_log_fails_closed_with_503_and_recovers() {
-    let mock = Mock::start();
-    // Bodies in the log and a small file size: every record gets a file of its own, so
-    // the name of the next file is known and can be blocked.
-    let config = config(&mock).replace(
+/// A proxy whose audit log gives every record a file of its own (bodies in the log, a
+/// small file size), so the name of the next file is known and can be blocked; and a
+/// request body large enough for that.
+fn proxy_with_a_file_per_record(mock: &Mock) -> (Proxy, String) {
+    let config = config(mock).replace(
         "[upstream]",
         "[audit]\ninclude_bodies = true\nmax_file_bytes = 4096\n[upstream]",
     );
-    let proxy = Proxy::start(&config);
     let big = format!(
         r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
         "x".repeat(5000)
     );
+    (Proxy::start(&config), big)
+}
+
+#[tokio::test]
+async fn an_unwritable_log_fails_closed_with_503_and_recovers() {
+    let mock = Mock::start();
+    let (proxy, big) = proxy_with_a_file_per_record(&mock);
     let auth = bearer(KEY_A);
     let url = proxy.url("/openai/v1/chat/completions");
     let headers = [("authorization", auth.as_str())];
@@ -436,16 +441,7 @@ async fn a_writer_that_falls_behind_gets_the_normal_class_until_it_has_caught_up
         return;
     }
     let mock = Mock::start();
-    // As in the fail-closed test: a file of its own per line, so the next can be blocked.
-    let config = config(&mock).replace(
-        "[upstream]",
-        "[audit]\ninclude_bodies = true\nmax_file_bytes = 4096\n[upstream]",
-    );
-    let proxy = Proxy::start(&config);
-    let big = format!(
-        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
-        "x".repeat(5000)
-    );
+    let (proxy, big) = proxy_with_a_file_per_record(&mock);
     let auth = bearer(KEY_A);
     let url = proxy.url("/openai/v1/chat/completions");
     let headers = [("authorization", auth.as_str())];

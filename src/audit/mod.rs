@@ -121,16 +121,6 @@ impl From<&str> for Fingerprint {
     }
 }
 
-impl Fingerprint {
-    /// The hex digest (hashing the body if that is what this holds).
-    pub fn hex(&self) -> String {
-        match self {
-            Fingerprint::Hex(hex) => hex.clone(),
-            Fingerprint::Of(body) => hex_lower(&<sha2::Sha256 as sha2::Digest>::digest(body)),
-        }
-    }
-}
-
 impl Serialize for Fingerprint {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
@@ -373,14 +363,6 @@ impl Drop for AuditLog {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The lock guards plain data with no invariant a panic could break.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Lower-case hex of a digest, by table (`hex::encode` builds its string a char at a time).
-pub fn hex_lower(digest: &[u8]) -> String {
-    let mut out = vec![0; digest.len() * 2];
-    // Cannot fail: the output is exactly twice the input, and hex digits are UTF-8.
-    let _ = hex::encode_to_slice(digest, &mut out);
-    String::from_utf8(out).unwrap_or_default()
 }
 
 /// A SHA-256 digest as lower-case hex, on the stack.
