@@ -242,8 +242,7 @@ impl Snapshots {
 
 /// Lines handed to the file since it was last fsynced, with their records. A failed write
 /// or fsync rewrites them all; once synced they are counted, and only then folded into
-/// the snapshot.
-/// The bytes of all of them are in one buffer, kept from batch to batch.
+/// the snapshot. Their bytes are in one buffer, kept from batch to batch.
 #[derive(Default)]
 struct Unsynced {
     /// The lines' bytes, one after the other.
