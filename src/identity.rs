@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use http::header::{HeaderMap, AUTHORIZATION};
+use http::header::{HeaderMap, HeaderName, AUTHORIZATION};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{parse_sha256, AgentConfig};
 
-pub const X_API_KEY: &str = "x-api-key";
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// An agent as the proxy knows it: named in config, never by its key.
 #[derive(Debug)]

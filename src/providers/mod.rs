@@ -353,9 +353,7 @@ impl Provider {
                 Some(key) => {
                     let (name, value) = match kind {
                         ProviderKind::OpenAi => (AUTHORIZATION, format!("Bearer {key}")),
-                        ProviderKind::Anthropic => {
-                            (HeaderName::from_static(X_API_KEY), key.clone())
-                        }
+                        ProviderKind::Anthropic => (X_API_KEY, key.clone()),
                     };
                     let mut value =
                         HeaderValue::from_str(&value).map_err(|_| ProviderError::BadKey {

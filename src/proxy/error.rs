@@ -2,14 +2,14 @@
 //! into a response in the provider's own error shape.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::Response;
 use http_body_util::{Either, Full};
 
 use crate::providers::{ErrorClass, ProviderKind};
 
 /// Response header naming the request in the proxy's logs (and later its audit log).
-pub const REQUEST_ID_HEADER: &str = "x-tokenwarden-request-id";
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-tokenwarden-request-id");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes};
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
@@ -67,6 +67,8 @@ pub struct Live {
     pub policies: Policies,
     /// Who may use the admin API.
     pub admin_tokens: AdminTokens,
+    /// `runs.headers`, parsed once.
+    pub run_headers: Vec<HeaderName>,
 }
 
 impl Live {
@@ -85,6 +87,10 @@ impl Live {
             pricing: Pricing::new([&config.base_pricing, &config.pricing]),
             policies: Policies::from_config(&config),
             admin_tokens: AdminTokens::from_config(&config.admin, &lookup_env),
+            // Validated with the config: each is a header name.
+            run_headers: (config.runs.headers.iter())
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect(),
             config,
         })
     }
@@ -197,9 +203,14 @@ fn build_client(cfg: &UpstreamConfig) -> UpstreamClient {
 
 /// A fresh request id: 64 random bits, hex.
 fn new_request_id() -> HeaderValue {
-    let id = format!("req_{:016x}", rand::random::<u64>());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = *b"req_0000000000000000";
+    let bits = rand::random::<u64>();
+    for (i, digit) in id[4..].iter_mut().enumerate() {
+        *digit = HEX[(bits >> (60 - 4 * i) & 0xf) as usize];
+    }
     // Hex digits and an underscore are always a valid header value.
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
 }
 
 /// Serves one request from a client.
@@ -239,7 +250,7 @@ async fn serve(
     };
     let live = state.live.load_full();
     // The shape errors take before a provider is known.
-    let fallback_kind = if req.headers().contains_key("anthropic-version") {
+    let fallback_kind = if req.headers().contains_key(ANTHROPIC_VERSION) {
         ProviderKind::Anthropic
     } else {
         ProviderKind::OpenAi
@@ -361,7 +372,7 @@ async fn forward(
             all: scope == "all",
         }));
     }
-    let named = run_name(&parts.headers, &live.config.runs.headers);
+    let named = run_name(&parts.headers, &live.run_headers);
     let fingerprint = policy
         .runs
         .max_repeats
@@ -603,9 +614,9 @@ async fn forward(
 }
 
 /// The run a request names in the first of `names` it carries.
-fn run_name(headers: &HeaderMap, names: &[String]) -> Option<String> {
+fn run_name(headers: &HeaderMap, names: &[HeaderName]) -> Option<String> {
     names.iter().find_map(|name| {
-        let value = headers.get(name.as_str())?.to_str().ok()?.trim();
+        let value = headers.get(name)?.to_str().ok()?.trim();
         // Bounded: a run id is attribution, kept in memory and written to the audit log.
         (!value.is_empty() && value.len() <= 200).then(|| value.to_owned())
     })
@@ -622,7 +633,7 @@ fn insert_warnings(headers: &mut HeaderMap, warnings: &[runs::Crossed]) {
         let names: Vec<&str> = warnings.iter().map(|w| w.condition.as_str()).collect();
         HeaderValue::from_str(&names.join(", ")).unwrap_or(HeaderValue::from_static("warning"))
     });
-    headers.insert("x-tokenwarden-warning", value);
+    headers.insert(WARNING, value);
 }
 
 /// A request that never got an answer from the provider counts as an upstream error
@@ -642,21 +653,41 @@ fn settle_failed(state: &AppState, agent: &Agent, ticket: runs::Ticket) {
     }
 }
 
+const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+const REMAINING_USD: HeaderName = HeaderName::from_static("x-tokenwarden-budget-remaining-usd");
+const REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-tokenwarden-budget-remaining-tokens");
+const WARNING: HeaderName = HeaderName::from_static("x-tokenwarden-warning");
+
 /// `x-tokenwarden-budget-remaining-usd` and `-tokens`: what the tightest budget of each
 /// unit had left when the request was admitted.
 fn insert_remaining(headers: &mut HeaderMap, remaining: crate::ledger::Remaining) {
     if let Some(nanos) = remaining.nanos {
-        let usd = format!("{:.6}", crate::ledger::nanos_to_usd(nanos));
-        if let Ok(v) = HeaderValue::from_str(&usd) {
-            headers.insert("x-tokenwarden-budget-remaining-usd", v);
-        }
+        headers.insert(REMAINING_USD, usd_value(nanos));
     }
     if let Some(tokens) = remaining.tokens {
-        headers.insert(
-            "x-tokenwarden-budget-remaining-tokens",
-            HeaderValue::from(tokens),
-        );
+        headers.insert(REMAINING_TOKENS, HeaderValue::from(tokens));
     }
+}
+
+/// Nano-dollars as dollars with six decimals, rounded half up (`12.345679`), in integer
+/// arithmetic: float formatting costs more than the rest of the header.
+fn usd_value(nanos: u64) -> HeaderValue {
+    let micros = nanos / 1_000 + u64::from(nanos % 1_000 >= 500);
+    let mut digits = itoa::Buffer::new();
+    let whole = digits.format(micros / 1_000_000).as_bytes();
+    // At most 20 digits, a point and six more.
+    let mut text = [b'0'; 27];
+    text[..whole.len()].copy_from_slice(whole);
+    text[whole.len()] = b'.';
+    let end = whole.len() + 7;
+    let mut fraction = micros % 1_000_000;
+    for digit in text[whole.len() + 1..end].iter_mut().rev() {
+        *digit = b'0' + (fraction % 10) as u8;
+        fraction /= 10;
+    }
+    // Digits and a point are always a valid header value.
+    HeaderValue::from_bytes(&text[..end]).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Reads a JSON body whole (the proxy may need its fields), and streams any other body.
@@ -795,6 +826,38 @@ impl std::fmt::Display for ErrorChain<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remaining_dollars_read_as_float_formatting_would_show_them() {
+        for (nanos, shown) in [
+            (0, "0.000000"),
+            (1, "0.000000"),
+            (499, "0.000000"),
+            (500, "0.000001"),
+            (1_234_567_890, "1.234568"),
+            (5_000_000_000, "5.000000"),
+            (999_999_999, "1.000000"),
+            (u64::MAX, "18446744073.709552"),
+        ] {
+            assert_eq!(usd_value(nanos), shown, "{nanos} nano-dollars");
+        }
+        for nanos in (0..10_000_000_000u64).step_by(7_777_777) {
+            let float = format!("{:.6}", crate::ledger::nanos_to_usd(nanos));
+            assert_eq!(usd_value(nanos), float.as_str(), "{nanos} nano-dollars");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_sixteen_hex_digits() {
+        let id = new_request_id();
+        let id = id.to_str().unwrap();
+        assert_eq!(id.len(), 20, "{id}");
+        assert!(id.starts_with("req_"), "{id}");
+        assert!(id[4..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_ne!(new_request_id(), new_request_id());
+    }
 
     #[test]
     fn unsafe_paths_are_found_in_any_spelling() {
