@@ -31,7 +31,7 @@ fn record(i: u64) -> Record {
         fingerprint: Some(
             "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
         ),
-        client: "127.0.0.1:50312".into(),
+        client: "127.0.0.1:50312".parse().ok(),
         ..Record::default()
     }
 }

@@ -15,8 +15,9 @@ pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// An agent as the proxy knows it: named in config, never by its key.
 #[derive(Debug)]
 pub struct Agent {
-    pub id: String,
-    pub team: Option<String>,
+    /// Shared, not copied, by every record and settlement that names the agent.
+    pub id: Arc<str>,
+    pub team: Option<Arc<str>>,
 }
 
 impl Agent {
@@ -42,8 +43,8 @@ impl Identities {
             .filter_map(|a| {
                 let digest = parse_sha256(&a.key_sha256)?;
                 let agent = Agent {
-                    id: a.id.clone(),
-                    team: a.team.clone(),
+                    id: Arc::from(a.id.as_str()),
+                    team: a.team.as_deref().map(Arc::from),
                 };
                 Some((words(digest), Arc::new(agent)))
             })
@@ -152,18 +153,21 @@ mod tests {
     fn bearer_and_x_api_key_both_identify() {
         let t = table();
         assert_eq!(
-            t.identify(&headers("authorization", "Bearer key-a"))
+            &*t.identify(&headers("authorization", "Bearer key-a"))
                 .unwrap()
                 .id,
             "a"
         );
         assert_eq!(
-            t.identify(&headers("authorization", "bearer key-b"))
+            &*t.identify(&headers("authorization", "bearer key-b"))
                 .unwrap()
                 .id,
             "b"
         );
-        assert_eq!(t.identify(&headers("x-api-key", "key-b")).unwrap().id, "b");
+        assert_eq!(
+            &*t.identify(&headers("x-api-key", "key-b")).unwrap().id,
+            "b"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! A refused outcome changes nothing: no audit line, no count, no new kind.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -220,7 +220,7 @@ pub struct Origin {
     pub method: String,
     pub path: String,
     /// The client's address.
-    pub client: String,
+    pub client: Option<std::net::SocketAddr>,
     /// The admin token's name, when an admin recorded it for the agent.
     pub by: Option<String>,
 }
@@ -275,11 +275,11 @@ pub fn record_outcome(
         ts: ts.clone(),
         kind: "outcome",
         request_id: origin.request_id,
-        agent: Some(agent.id.clone()),
-        team: agent.team.clone(),
-        run: outcome.run.clone(),
-        method: origin.method,
-        path: origin.path,
+        agent: Some(Arc::from(agent.id.as_str())),
+        team: agent.team.as_deref().map(Arc::from),
+        run: outcome.run.as_deref().map(Arc::from),
+        method: origin.method.into(),
+        path: origin.path.into(),
         status: 201,
         outcome: "recorded",
         client: origin.client,

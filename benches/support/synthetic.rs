@@ -42,9 +42,9 @@ fn record(i: u64, ts: String) -> Record {
     let agent = i % AGENTS;
     let base = Record {
         ts,
-        agent: Some(format!("agent-{agent}")),
-        team: Some(format!("team-{}", agent % 4)),
-        run: Some(format!("run-{agent}-{}", i / 400)),
+        agent: Some(format!("agent-{agent}").into()),
+        team: Some(format!("team-{}", agent % 4).into()),
+        run: Some(format!("run-{agent}-{}", i / 400).into()),
         ..Record::default()
     };
     // The line's place in its agent's own sequence: each agent gets every kind of line.
@@ -79,7 +79,7 @@ fn record(i: u64, ts: String) -> Record {
             ),
             count: Some(1 + i % 3),
             reference: Some(format!("JIRA-{i}")),
-            client: "10.0.0.7:50312".into(),
+            client: "10.0.0.7:50312".parse().ok(),
             ..base
         },
         _ => {
@@ -105,7 +105,7 @@ fn record(i: u64, ts: String) -> Record {
                     "{:064x}",
                     if nth % 10 == 3 { i - AGENTS } else { i }
                 ))),
-                client: "10.0.0.7:50312".into(),
+                client: "10.0.0.7:50312".parse().ok(),
                 ..base
             }
         }

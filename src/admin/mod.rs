@@ -20,6 +20,7 @@ mod runs;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
@@ -158,7 +159,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 pub struct Caller {
     /// The admin token's name, or `SIGHUP`.
     pub by: String,
-    pub client: String,
+    pub client: Option<SocketAddr>,
     pub method: String,
     /// Without the query string.
     pub path: String,
@@ -169,7 +170,7 @@ impl Caller {
     pub fn sighup() -> Caller {
         Caller {
             by: crate::config::SIGHUP_NAME.to_owned(),
-            client: String::new(),
+            client: None,
             method: String::new(),
             path: String::new(),
         }
@@ -195,20 +196,20 @@ pub fn audit_line(state: &AppState, caller: &Caller, entry: Entry<'_>) {
             .agents
             .iter()
             .find(|a| a.id == id)
-            .and_then(|a| a.team.clone())
+            .and_then(|a| a.team.as_deref().map(Arc::from))
     });
     state.audit.append(Record {
         ts: now_rfc3339(),
         kind: "admin",
-        agent: entry.agent.map(str::to_owned),
+        agent: entry.agent.map(Arc::from),
         team,
-        run: entry.run.map(str::to_owned),
-        method: caller.method.clone(),
-        path: caller.path.clone(),
+        run: entry.run.map(Arc::from),
+        method: caller.method.clone().into(),
+        path: caller.path.as_str().into(),
         status: entry.status,
         outcome: entry.outcome,
-        reason: entry.reason.to_owned(),
-        client: caller.client.clone(),
+        reason: entry.reason.into(),
+        client: caller.client,
         detail: Some(entry.detail),
         // A refused attempt has no one to name: never the token it presented.
         by: (!caller.by.is_empty()).then(|| caller.by.clone()),
@@ -313,7 +314,7 @@ async fn admin(
     let live = state.live.load_full();
     let mut caller = Caller {
         by: String::new(),
-        client: peer.to_string(),
+        client: Some(peer),
         method: method.as_str().to_owned(),
         path,
     };
@@ -428,7 +429,7 @@ fn record_outcome(
         request_id: String::new(),
         method: caller.method.clone(),
         path: caller.path.clone(),
-        client: caller.client.clone(),
+        client: caller.client,
         by: Some(caller.by.clone()),
     };
     let outcome = crate::outcomes::Outcome::from_json(body)?;

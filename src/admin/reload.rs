@@ -31,7 +31,7 @@ pub fn load_live_with(
     for provider in live.router.providers() {
         if let Err(env) = provider.credential() {
             tracing::warn!(
-                provider = provider.name,
+                provider = &*provider.name,
                 "environment variable {env} is not set: requests to this provider will be refused"
             );
         }

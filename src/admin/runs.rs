@@ -1,6 +1,7 @@
 //! `/admin/runs`: list, view, stop and resume runs by id.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -106,8 +107,14 @@ fn run_owner(
         .agents
         .iter()
         .find(|a| a.id == owner)
-        .and_then(|a| a.team.clone());
-    Ok((Agent { id: owner, team }, view))
+        .and_then(|a| a.team.as_deref().map(Arc::from));
+    Ok((
+        Agent {
+            id: Arc::from(owner),
+            team,
+        },
+        view,
+    ))
 }
 
 pub(super) fn stop_run(
@@ -146,7 +153,7 @@ pub(super) fn stop_run(
             }
         ),
         body: json!({ "run": view, "changed": !already }),
-        agent: Some(agent.id),
+        agent: Some(agent.id.to_string()),
         run: Some(run.to_owned()),
     })
 }
@@ -162,7 +169,7 @@ pub(super) fn resume_run(
     if before.is_none() {
         return Err(AdminError::UnknownRun {
             run: run.to_owned(),
-            agent: Some(agent.id),
+            agent: Some(agent.id.to_string()),
         });
     }
     let changed = state.runs.resume(&agent.id, run);
@@ -196,7 +203,7 @@ pub(super) fn resume_run(
             }
         ),
         body: json!({ "run": view, "changed": changed }),
-        agent: Some(agent.id),
+        agent: Some(agent.id.to_string()),
         run: Some(run.to_owned()),
     })
 }

@@ -23,6 +23,8 @@ mod writer;
 
 pub use restore::Restored;
 
+use std::borrow::Cow;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -52,19 +54,20 @@ pub struct Record {
     /// agent reported done, `POST /v1/outcomes`).
     pub kind: &'static str,
     pub request_id: String,
-    pub agent: Option<String>,
-    pub team: Option<String>,
-    pub run: Option<String>,
-    pub provider: Option<String>,
-    pub model: Option<String>,
-    pub method: String,
-    pub path: String,
+    pub agent: Option<Arc<str>>,
+    pub team: Option<Arc<str>>,
+    pub run: Option<Arc<str>>,
+    pub provider: Option<Arc<str>>,
+    pub model: Option<Arc<str>>,
+    /// Empty for an action no HTTP request asked for (a reload on `SIGHUP`).
+    pub method: Cow<'static, str>,
+    pub path: Arc<str>,
     pub status: u16,
     /// `ok`, `provider_error`, `upstream_error`, `timeout`, `client_gone`, `rejected`;
     /// run lines: `stopped`, `warning`, `resumed`; admin lines: `ok`, `rejected`, `failed`.
     pub outcome: &'static str,
     /// Why, in a stable word: the stream's end or the rejection's reason.
-    pub reason: String,
+    pub reason: Cow<'static, str>,
     pub input_tokens: u64,
     pub cached_input_tokens: u64,
     pub cache_write_tokens: u64,
@@ -76,7 +79,9 @@ pub struct Record {
     pub ttfb_ms: Option<f64>,
     /// SHA-256 of the request body, hex.
     pub fingerprint: Option<Fingerprint>,
-    pub client: String,
+    /// The client's address; written as `""` when there was none (`SIGHUP`).
+    #[serde(serialize_with = "address_or_empty")]
+    pub client: Option<SocketAddr>,
     /// What happened, in words (run and admin lines).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -96,6 +101,36 @@ pub struct Record {
     pub request_body: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_body: Option<String>,
+}
+
+fn address_or_empty<S: serde::Serializer>(
+    addr: &Option<SocketAddr>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match addr {
+        Some(addr) => serializer.collect_str(addr),
+        None => serializer.serialize_str(""),
+    }
+}
+
+/// An HTTP method as the audit log writes it: the standard ones without a copy.
+pub fn method_name(method: &http::Method) -> Cow<'static, str> {
+    use http::Method;
+    const STANDARD: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    match STANDARD.iter().find(|(m, _)| m == method) {
+        Some((_, name)) => Cow::Borrowed(name),
+        None => Cow::Owned(method.as_str().to_owned()),
+    }
 }
 
 /// The SHA-256 of a request body, written as hex. Given the body itself ([`Fingerprint::Of`]),

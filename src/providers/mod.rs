@@ -4,6 +4,8 @@
 pub mod anthropic;
 pub mod openai;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -296,7 +298,7 @@ impl<'de> serde::de::Visitor<'de> for Valid {
 /// A configured upstream, ready to build request URIs and credentials.
 #[derive(Debug)]
 pub struct Provider {
-    pub name: String,
+    pub name: Arc<str>,
     pub kind: ProviderKind,
     pub prefix: String,
     /// Ask for usage on streams that did not (OpenAI format only).
@@ -367,7 +369,7 @@ impl Provider {
         };
 
         Ok(Provider {
-            name: cfg.name.clone(),
+            name: Arc::from(cfg.name.as_str()),
             kind,
             prefix: cfg.prefix.clone(),
             inject_usage: cfg.inject_usage && kind == ProviderKind::OpenAi,
@@ -612,13 +614,13 @@ mod tests {
     fn longest_prefix_wins_on_segment_boundaries() {
         let r = router();
         let (p, rest) = r.route("/openai/v1/chat/completions").unwrap();
-        assert_eq!((p.name.as_str(), rest), ("oa", "/v1/chat/completions"));
+        assert_eq!((&*p.name, rest), ("oa", "/v1/chat/completions"));
         let (p, rest) = r.route("/openai/eu/v1/models").unwrap();
-        assert_eq!((p.name.as_str(), rest), ("oa2", "/v1/models"));
+        assert_eq!((&*p.name, rest), ("oa2", "/v1/models"));
         let (p, rest) = r.route("/openaiX/v1").unwrap();
-        assert_eq!((p.name.as_str(), rest), ("any", "/openaiX/v1"));
+        assert_eq!((&*p.name, rest), ("any", "/openaiX/v1"));
         let (p, rest) = r.route("/anthropic").unwrap();
-        assert_eq!((p.name.as_str(), rest), ("an", ""));
+        assert_eq!((&*p.name, rest), ("an", ""));
     }
 
     #[test]

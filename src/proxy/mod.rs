@@ -245,7 +245,7 @@ async fn serve(
         started: Instant::now(),
         request_id,
         method: req.method().clone(),
-        path: req.uri().path().to_owned(),
+        path: Arc::from(req.uri().path()),
         client_addr,
     };
     let live = state.live.load_full();
@@ -258,7 +258,7 @@ async fn serve(
 
     // Served by the proxy itself, before routing: a provider with prefix `/` would
     // otherwise take this path too.
-    if meta.path == outcomes::PATH {
+    if *meta.path == *outcomes::PATH {
         return outcomes::handle(&state, &live, req, &meta).await;
     }
 
@@ -282,7 +282,7 @@ pub struct RequestMeta {
     pub request_id: HeaderValue,
     pub method: http::Method,
     /// Without the query string, which may carry credentials of its own.
-    pub path: String,
+    pub path: Arc<str>,
     pub client_addr: SocketAddr,
 }
 
@@ -291,10 +291,10 @@ pub struct Rejected {
     pub kind: Option<ProviderKind>,
     pub error: ProxyError,
     pub agent: Option<Arc<Agent>>,
-    pub provider: Option<String>,
-    pub model: Option<String>,
+    pub provider: Option<Arc<str>>,
+    pub model: Option<Arc<str>>,
     /// The run the request belonged to, once known.
-    pub run: Option<String>,
+    pub run: Option<Arc<str>>,
 }
 
 async fn forward(
@@ -337,7 +337,7 @@ async fn forward(
     }
     let credential = provider.credential().map_err(|env| {
         reject(ProxyError::ProviderKeyMissing {
-            provider: provider.name.clone(),
+            provider: provider.name.to_string(),
             env: env.to_owned(),
         })
     })?;
@@ -356,7 +356,7 @@ async fn forward(
         .and_then(|b| serde_json::from_slice::<RequestFields<'_>>(b).ok());
     let readable = parsed.is_some();
     let fields = parsed.unwrap_or_default();
-    let model = fields.model.as_deref().unwrap_or_default().to_owned();
+    let model: Arc<str> = Arc::from(fields.model.as_deref().unwrap_or_default());
     let reject = |error: ProxyError| Rejected {
         model: Some(model.clone()),
         ..reject(error)
@@ -368,7 +368,7 @@ async fn forward(
     // The kill switches, then the run's stop conditions.
     if let Some(scope) = state.switches.paused(&agent.id) {
         return Err(reject(ProxyError::Paused {
-            agent: agent.id.clone(),
+            agent: agent.id.to_string(),
             all: scope == "all",
         }));
     }
@@ -401,14 +401,14 @@ async fn forward(
                     );
                 }
                 return Err(Rejected {
-                    run: Some(run.to_string()),
+                    run: Some(run.clone()),
                     ..reject(ProxyError::RunStopped(Box::new(crossed)))
                 });
             }
         };
     let run_id = ticket.run.clone();
     let reject = |error: ProxyError| Rejected {
-        run: Some(run_id.to_string()),
+        run: Some(run_id.clone()),
         ..reject(error)
     };
     for warning in &warnings {
@@ -515,7 +515,7 @@ async fn forward(
         Err(_) => {
             settle_failed(state, &agent, ticket);
             return Err(reject(ProxyError::FirstByteTimeout {
-                provider: provider.name.clone(),
+                provider: provider.name.to_string(),
                 timeout: humantime::format_duration(first_byte).to_string(),
             }));
         }
@@ -547,7 +547,7 @@ async fn forward(
         kind: provider.kind,
         allowance: ticket.allowance,
         run: ticket.run.clone(),
-        agent: agent.id.clone(),
+        agent: agent.id.to_string(),
         cut: None,
     });
     let settlement = Settlement {
@@ -799,8 +799,8 @@ fn classify_upstream_error(
         }
         source = e.source();
     }
-    tracing::warn!(provider = provider.name, error = %ErrorChain(error), "upstream request failed");
-    let provider = provider.name.clone();
+    tracing::warn!(provider = &*provider.name, error = %ErrorChain(error), "upstream request failed");
+    let provider = provider.name.to_string();
     if error.is_connect() {
         ProxyError::UpstreamUnreachable { provider }
     } else {

@@ -23,7 +23,7 @@ pub async fn handle(
     meta: &RequestMeta,
 ) -> Response<ResponseBody> {
     let agent = live.identities.identify(req.headers());
-    let agent_label = agent.as_ref().map_or("unknown", |a| a.id.as_str());
+    let agent_label = agent.as_ref().map_or("unknown", |a| &*a.id);
     let refuse = |reason: &'static str| {
         state
             .metrics
@@ -36,7 +36,7 @@ pub async fn handle(
             agent = agent_label,
             client = %meta.client_addr,
             method = %meta.method,
-            path = meta.path,
+            path = &*meta.path,
             reason,
             "outcome refused"
         );
@@ -84,8 +84,8 @@ pub async fn handle(
     let origin = Origin {
         request_id: meta.request_id.to_str().unwrap_or_default().to_owned(),
         method: meta.method.as_str().to_owned(),
-        path: meta.path.clone(),
-        client: meta.client_addr.to_string(),
+        path: meta.path.to_string(),
+        client: Some(meta.client_addr),
         by: None,
     };
     let recorded =
@@ -95,7 +95,7 @@ pub async fn handle(
             tracing::info!(
                 target: "tokenwarden::access",
                 request_id = meta.request_id.to_str().unwrap_or_default(),
-                agent = agent.id,
+                agent = &*agent.id,
                 client = %meta.client_addr,
                 kind = recorded.kind,
                 count = recorded.count,

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::tap::{Flow, Observer, StreamEnd};
 use super::{AppState, Rejected, RequestMeta};
-use crate::audit::{now_rfc3339, AuditLog, Fingerprint, Record};
+use crate::audit::{method_name, now_rfc3339, AuditLog, Fingerprint, Record};
 use crate::guard::anomaly::{Anomalies, AnomalySettings};
 use crate::guard::runs::{Allowance, Condition, Crossed, Ending, Ticket};
 use crate::guard::{Slot, Switches};
@@ -34,9 +34,9 @@ pub struct Settlement {
     pub include_bodies: bool,
     pub request_id: HeaderValue,
     pub agent: Arc<Agent>,
-    pub provider: String,
+    pub provider: Arc<str>,
     pub endpoint: Endpoint,
-    pub model: String,
+    pub model: Arc<str>,
     pub price: Option<Price>,
     /// Budget held for this request; settled to the real spend at the end.
     pub hold: Option<Hold>,
@@ -45,7 +45,7 @@ pub struct Settlement {
     /// Where a settlement that counts tokens is sent; `None` once shut down.
     pub settler: Option<Sender<Job>>,
     pub method: http::Method,
-    pub path: String,
+    pub path: Arc<str>,
     pub status: u16,
     pub client_addr: SocketAddr,
     /// The JSON request body (empty for other bodies), for the fallback count.
@@ -87,7 +87,7 @@ impl Watch {
             return;
         };
         metrics.anomalies.with_label_values(&[&agent.id]).inc();
-        tracing::warn!(agent = agent.id, "token spike: {spike}");
+        tracing::warn!(agent = &*agent.id, "token spike: {spike}");
         let window = humantime::format_duration(self.settings.window);
         audit.append(Record {
             ts: now_rfc3339(),
@@ -95,7 +95,7 @@ impl Watch {
             agent: Some(agent.id.clone()),
             team: agent.team.clone(),
             outcome: if self.pause { "paused" } else { "reported" },
-            reason: "tokens_per_window".to_owned(),
+            reason: "tokens_per_window".into(),
             detail: Some(format!(
                 "{spike} (window {window}, factor {})",
                 self.settings.factor
@@ -113,7 +113,7 @@ impl Watch {
                 agent: Some(agent.id.clone()),
                 team: agent.team.clone(),
                 outcome: "ok",
-                reason: "pause".to_owned(),
+                reason: "pause".into(),
                 by: Some("anomaly".to_owned()),
                 detail: Some(format!("paused on a token spike: {spike}")),
                 ..Record::default()
@@ -345,7 +345,7 @@ impl Settlement {
             });
         }
         let outcome = outcome(end, status);
-        let run = ticket.as_ref().map(|t| t.run.to_string());
+        let run = ticket.as_ref().map(|t| t.run.clone());
         if let Some(watch) = &watch {
             watch.observe(&audit, &metrics, redis.as_ref(), &agent, usage.total());
         }
@@ -418,11 +418,11 @@ impl Settlement {
             run,
             provider: Some(provider.clone()),
             model: (!model.is_empty()).then(|| model.clone()),
-            method: method.as_str().to_owned(),
+            method: method_name(&method),
             path,
             status,
             outcome,
-            reason: end.as_str().to_owned(),
+            reason: end.as_str().into(),
             input_tokens: usage.input,
             cached_input_tokens: usage.cached_input,
             cache_write_tokens: usage.cache_write,
@@ -433,7 +433,7 @@ impl Settlement {
             latency_ms: duration.as_secs_f64() * 1e3,
             ttfb_ms: Some(upstream_ttfb.as_secs_f64() * 1e3),
             fingerprint: (!request.is_empty()).then(|| Fingerprint::Of(request.clone())),
-            client: client_addr.to_string(),
+            client: Some(client_addr),
             detail: None,
             by: None,
             outcome_kind: None,
@@ -446,10 +446,10 @@ impl Settlement {
         tracing::info!(
             target: "tokenwarden::access",
             request_id = request_id.to_str().unwrap_or_default(),
-            agent = agent.id,
-            provider,
+            agent = &*agent.id,
+            provider = &*provider,
             endpoint = endpoint.as_str(),
-            model,
+            model = &*model,
             method = %method,
             status,
             client = %client_addr,
@@ -501,7 +501,7 @@ pub fn run_event(
                 .with_label_values(&[&agent.id, condition])
                 .inc();
             tracing::warn!(
-                agent = agent.id,
+                agent = &*agent.id,
                 run,
                 condition,
                 "run stopped: {}",
@@ -520,7 +520,7 @@ pub fn run_event(
             if let Some(redis) = redis {
                 redis.share_run(agent.tag(), &agent.id, run, None);
             }
-            tracing::info!(agent = agent.id, run, "run resumed: {}", crossed.message);
+            tracing::info!(agent = &*agent.id, run, "run resumed: {}", crossed.message);
             "resumed"
         }
     };
@@ -529,9 +529,9 @@ pub fn run_event(
         kind: "run",
         agent: Some(agent.id.clone()),
         team: agent.team.clone(),
-        run: Some(run.to_owned()),
+        run: Some(run.into()),
         outcome,
-        reason: condition.to_owned(),
+        reason: condition.into(),
         detail: Some(crossed.message.clone()),
         ..Record::default()
     });
@@ -552,7 +552,7 @@ pub fn reject(state: &AppState, meta: &RequestMeta, rejected: Rejected) {
     // A refused request's model name is whatever the client sent: it takes no place
     // among the bounded model labels.
     let model_label = "none";
-    let agent_label = agent.as_ref().map_or("unknown", |a| a.id.as_str());
+    let agent_label = agent.as_ref().map_or("unknown", |a| &*a.id);
     state
         .metrics
         .rejections
@@ -575,7 +575,7 @@ pub fn reject(state: &AppState, meta: &RequestMeta, rejected: Rejected) {
         agent = agent_label,
         client = %meta.client_addr,
         method = %meta.method,
-        path = meta.path,
+        path = &*meta.path,
         status,
         outcome,
         reason = error.reason(),
@@ -590,13 +590,13 @@ pub fn reject(state: &AppState, meta: &RequestMeta, rejected: Rejected) {
         run,
         provider,
         model: model.filter(|m| !m.is_empty()),
-        method: meta.method.as_str().to_owned(),
+        method: method_name(&meta.method),
         path: meta.path.clone(),
         status,
         outcome,
-        reason: error.reason().to_owned(),
+        reason: error.reason().into(),
         latency_ms: latency.as_secs_f64() * 1e3,
-        client: meta.client_addr.to_string(),
+        client: Some(meta.client_addr),
         ..Record::default()
     });
 }
