@@ -7,10 +7,11 @@
 //! band, and a floor, so that a quiet agent's first busy minute is not one): reported once
 //! per window, as soon as it is crossed, not when the window ends.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+// Keyed by agent ids from the config: a fast hash, seeded per process.
+use hashbrown::HashMap;
 use tokio::time::Instant;
 
 /// Weight of the newest window in the baseline.
@@ -67,7 +68,7 @@ impl Anomalies {
         let now = Instant::now();
         let window = settings.window.max(Duration::from_millis(1));
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        let b = agents.entry(agent.to_owned()).or_insert(Baseline {
+        let b = agents.entry_ref(agent).or_insert(Baseline {
             start: now,
             tokens: 0,
             mean: 0.0,

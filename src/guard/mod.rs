@@ -6,13 +6,14 @@
 pub mod anomaly;
 pub mod runs;
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use governor::clock::{Clock, DefaultClock};
+// Keyed by agent ids from the config: a fast hash, seeded per process.
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use hashbrown::HashMap;
 
 #[derive(Default)]
 pub struct Guards {
@@ -62,10 +63,7 @@ impl Guards {
 
     /// Takes a place among the agent's requests in flight, or `None` if `max` are.
     pub fn enter(&self, agent: &str, max: u32) -> Option<Slot> {
-        let counter = lock(&self.in_flight)
-            .entry(agent.to_owned())
-            .or_default()
-            .clone();
+        let counter = lock(&self.in_flight).entry_ref(agent).or_default().clone();
         let before = counter.fetch_add(1, Ordering::AcqRel);
         let slot = Slot(counter);
         (before < max).then_some(slot)

@@ -304,7 +304,9 @@ pub struct Runs {
 
 #[derive(Debug, Default)]
 struct Inner {
-    agents: HashMap<Arc<str>, AgentRuns>,
+    /// Keyed by agent ids from the config: a fast hash, seeded per process. (Run ids
+    /// come from clients: their maps keep the standard, DoS-resistant one.)
+    agents: hashbrown::HashMap<Arc<str>, AgentRuns>,
     last_sweep: Option<Instant>,
 }
 
@@ -455,15 +457,17 @@ impl Runs {
     /// `named`: the run id the request named, if any.
     pub fn enter(
         self: &Arc<Self>,
-        agent: &str,
+        agent: impl Into<Arc<str>>,
         named: Option<&str>,
         limits: &Arc<RunLimits>,
         fingerprint: Option<[u8; 16]>,
     ) -> Verdict {
+        // The ticket keeps the agent's name: shared, not copied, when it comes shared.
+        let agent: Arc<str> = agent.into();
         let now = Instant::now();
         let mut inner = lock(&self.inner);
         inner.sweep(now);
-        let agent_runs = inner.agents.entry(agent.into()).or_default();
+        let agent_runs = inner.agents.entry_ref(&*agent).or_default();
         let id: Arc<str> = match named {
             Some(id) => id.into(),
             None => match &agent_runs.auto {
@@ -501,7 +505,7 @@ impl Runs {
                 newly: false,
             };
         }
-        let crossed = run.crossed(agent, limits, fingerprint.as_ref(), now);
+        let crossed = run.crossed(&agent, limits, fingerprint.as_ref(), now);
         let warnings = match limits.action {
             RunAction::Warn => crossed,
             RunAction::Stop => {
@@ -538,7 +542,7 @@ impl Runs {
         Verdict::Go {
             ticket: Ticket {
                 runs: self.clone(),
-                agent: agent.into(),
+                agent,
                 run: id,
                 allowance,
                 limits: limits.clone(),
@@ -664,7 +668,7 @@ impl Runs {
 
     fn mark_stopped(&self, agent: &str, run: &str, crossed: Crossed, now: Instant, at: String) {
         let mut inner = lock(&self.inner);
-        let agent_runs = inner.agents.entry(agent.into()).or_default();
+        let agent_runs = inner.agents.entry_ref(agent).or_default();
         let id: Arc<str> = run.into();
         if id.starts_with(AUTO_PREFIX) {
             // A run that began by itself stays the agent's current one, stopped, until

@@ -10,9 +10,10 @@ pub mod period;
 pub mod redis;
 pub mod snapshot;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+// Keyed by budgets from the config: a fast hash, seeded per process.
+use hashbrown::HashMap;
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 

@@ -5,8 +5,10 @@
 //! so `gpt-4o-mini*` beats `gpt-4o*` for `gpt-4o-mini-2024-07-18`. A model with no price
 //! is counted, costed at zero, and shows in `tokenwarden_unpriced_tokens_total`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
+// Keyed by model names from the config: a fast hash, seeded per process.
+use hashbrown::HashMap;
 use serde::Deserialize;
 
 use super::Usage;

@@ -9,10 +9,11 @@
 //! refused, as `budgets.on_missing_max_tokens` says; the clamp is the only change
 //! admission makes to a body.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+// Keyed by agent ids from the config: a fast hash, seeded per process.
+use hashbrown::HashMap;
 
 use super::error::ProxyError;
 use crate::config::{BudgetConfig, Config, MissingMaxTokens};

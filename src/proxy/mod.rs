@@ -378,34 +378,35 @@ async fn forward(
         .max_repeats
         .and(json.as_deref())
         .and_then(runs::fingerprint);
-    let (ticket, warnings) =
-        match state
-            .runs
-            .enter(&agent.id, named.as_deref(), &policy.runs, fingerprint)
-        {
-            Verdict::Go { ticket, warnings } => (ticket, warnings),
-            Verdict::Stop {
-                run,
-                crossed,
-                newly,
-            } => {
-                if newly {
-                    settle::run_event(
-                        &state.audit,
-                        &state.metrics,
-                        state.redis.as_ref(),
-                        &agent,
-                        &run,
-                        settle::RunEvent::Stopped,
-                        &crossed,
-                    );
-                }
-                return Err(Rejected {
-                    run: Some(run.clone()),
-                    ..reject(ProxyError::RunStopped(Box::new(crossed)))
-                });
+    let (ticket, warnings) = match state.runs.enter(
+        agent.id.clone(),
+        named.as_deref(),
+        &policy.runs,
+        fingerprint,
+    ) {
+        Verdict::Go { ticket, warnings } => (ticket, warnings),
+        Verdict::Stop {
+            run,
+            crossed,
+            newly,
+        } => {
+            if newly {
+                settle::run_event(
+                    &state.audit,
+                    &state.metrics,
+                    state.redis.as_ref(),
+                    &agent,
+                    &run,
+                    settle::RunEvent::Stopped,
+                    &crossed,
+                );
             }
-        };
+            return Err(Rejected {
+                run: Some(run.clone()),
+                ..reject(ProxyError::RunStopped(Box::new(crossed)))
+            });
+        }
+    };
     let run_id = ticket.run.clone();
     let reject = |error: ProxyError| Rejected {
         run: Some(run_id.clone()),
