@@ -11,9 +11,9 @@ use tokenwarden::audit::{AuditLog, AuditSettings, Record};
 
 fn record(i: u64) -> Record {
     Record {
-        ts: "2026-11-29T15:30:00.123Z".into(),
+        ts: "2026-11-29T15:30:00.123Z".parse().unwrap_or_default(),
         kind: "request",
-        request_id: format!("req_{i:016x}"),
+        request_id: http::HeaderValue::from_str(&format!("req_{i:016x}")).ok(),
         agent: Some("support-bot".into()),
         team: Some("support".into()),
         provider: Some("openai".into()),

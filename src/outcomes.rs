@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::audit::{now_rfc3339, Record};
+use crate::audit::{Millis, Record};
 use crate::proxy::AppState;
 
 /// Longest outcome kind, in characters (it becomes a metric label).
@@ -216,7 +216,7 @@ impl OutcomeKinds {
 /// Where an outcome came from, for its audit line.
 #[derive(Debug, Clone)]
 pub struct Origin {
-    pub request_id: String,
+    pub request_id: Option<http::HeaderValue>,
     pub method: String,
     pub path: String,
     /// The client's address.
@@ -270,9 +270,9 @@ pub fn record_outcome(
         .outcomes
         .with_label_values(&[&agent.id, &outcome.kind])
         .inc_by(outcome.count);
-    let ts = now_rfc3339();
+    let now = jiff::Timestamp::now();
     state.audit.append(Record {
-        ts: ts.clone(),
+        ts: now,
         kind: "outcome",
         request_id: origin.request_id,
         agent: Some(Arc::from(agent.id.as_str())),
@@ -290,7 +290,7 @@ pub fn record_outcome(
         ..Record::default()
     });
     Ok(Recorded {
-        ts,
+        ts: Millis::of(now).as_str().to_owned(),
         agent: agent.id.clone(),
         team: agent.team.clone(),
         kind: outcome.kind,

@@ -542,7 +542,7 @@ async fn since_leaves_out_older_lines_and_malformed_lines_are_counted() {
     .unwrap();
     let at = |days_ago: u64| {
         let t = std::time::SystemTime::now() - std::time::Duration::from_secs(days_ago * 86_400);
-        humantime::format_rfc3339_millis(t).to_string()
+        jiff::Timestamp::try_from(t).unwrap()
     };
     for (days_ago, agent, cost) in [
         (10, "x", 1.0),

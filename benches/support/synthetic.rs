@@ -31,14 +31,14 @@ pub fn write_log(dir: &Path, n: u64, span: Duration) {
         while log.accepting().is_err() {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let ts = humantime::format_rfc3339_millis(start + step * u32::try_from(i).unwrap_or(0))
-            .to_string();
+        let at = start + step * u32::try_from(i).unwrap_or(0);
+        let ts = jiff::Timestamp::try_from(at).unwrap_or_default();
         log.append(record(i, ts));
     }
     log.close();
 }
 
-fn record(i: u64, ts: String) -> Record {
+fn record(i: u64, ts: jiff::Timestamp) -> Record {
     let agent = i % AGENTS;
     let base = Record {
         ts,
@@ -86,7 +86,7 @@ fn record(i: u64, ts: String) -> Record {
             let input = 800 + (i % 400) * 10;
             Record {
                 kind: "request",
-                request_id: format!("req_{i:016x}"),
+                request_id: http::HeaderValue::from_str(&format!("req_{i:016x}")).ok(),
                 provider: Some("openai".into()),
                 model: Some("gpt-4o-mini".into()),
                 method: "POST".into(),

@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::audit::{now_rfc3339, Record};
+use crate::audit::Record;
 use crate::guard::SwitchAction;
 use crate::proxy::AppState;
 use agents::{list_agents, metrics, switch_agent, switch_all};
@@ -199,7 +199,7 @@ pub fn audit_line(state: &AppState, caller: &Caller, entry: Entry<'_>) {
             .and_then(|a| a.team.as_deref().map(Arc::from))
     });
     state.audit.append(Record {
-        ts: now_rfc3339(),
+        ts: jiff::Timestamp::now(),
         kind: "admin",
         agent: entry.agent.map(Arc::from),
         team,
@@ -426,7 +426,7 @@ fn record_outcome(
     body: &[u8],
 ) -> Result<Done, AdminError> {
     let origin = crate::outcomes::Origin {
-        request_id: String::new(),
+        request_id: None,
         method: caller.method.clone(),
         path: caller.path.clone(),
         client: caller.client,

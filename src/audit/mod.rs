@@ -48,12 +48,16 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// carries no query string, and bodies are written only with `audit.include_bodies`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Record {
-    /// RFC 3339, UTC, milliseconds.
-    pub ts: String,
+    /// Written as RFC 3339, UTC, milliseconds, by the writer thread.
+    #[serde(serialize_with = "serialize_millis")]
+    pub ts: jiff::Timestamp,
     /// `request`, `run` (a run stopped, warned or resumed), `admin` or `outcome` (work an
     /// agent reported done, `POST /v1/outcomes`).
     pub kind: &'static str,
-    pub request_id: String,
+    /// The request's `x-tokenwarden-request-id`, shared with its response; `""` when
+    /// no request was proxied (admin lines).
+    #[serde(serialize_with = "header_or_empty")]
+    pub request_id: Option<http::HeaderValue>,
     pub agent: Option<Arc<str>>,
     pub team: Option<Arc<str>>,
     pub run: Option<Arc<str>>,
@@ -101,6 +105,14 @@ pub struct Record {
     pub request_body: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_body: Option<String>,
+}
+
+fn header_or_empty<S: serde::Serializer>(
+    value: &Option<http::HeaderValue>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    // Request ids are made of hex digits: never anything but visible ASCII.
+    serializer.serialize_str(value.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""))
 }
 
 fn address_or_empty<S: serde::Serializer>(
@@ -181,7 +193,51 @@ impl std::fmt::Debug for Fingerprint {
 
 /// The current time as the audit log writes it.
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    Millis::of(jiff::Timestamp::now()).as_str().to_owned()
+}
+
+/// A time as the audit log writes it (`2026-11-30T04:14:51.123Z`), on the stack.
+pub struct Millis {
+    text: [u8; 40],
+    len: usize,
+}
+
+impl Millis {
+    pub fn of(ts: jiff::Timestamp) -> Millis {
+        let mut millis = Millis {
+            text: [0; 40],
+            len: 0,
+        };
+        const PRINTER: jiff::fmt::temporal::DateTimePrinter =
+            jiff::fmt::temporal::DateTimePrinter::new().precision(Some(3));
+        // A timestamp prints in at most 33 bytes ("-009999-…"), which fit.
+        let _ = PRINTER.print_timestamp(&ts, &mut millis);
+        millis
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only whole `&str`s are ever written to it.
+        std::str::from_utf8(&self.text[..self.len]).unwrap_or_default()
+    }
+}
+
+impl jiff::fmt::Write for Millis {
+    fn write_str(&mut self, s: &str) -> Result<(), jiff::Error> {
+        let end = self.len + s.len();
+        let Some(space) = self.text.get_mut(self.len..end) else {
+            return Err(jiff::Error::from_args(format_args!("timestamp too long")));
+        };
+        space.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+fn serialize_millis<S: serde::Serializer>(
+    ts: &jiff::Timestamp,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(Millis::of(*ts).as_str())
 }
 
 /// How the log is kept.
@@ -323,7 +379,7 @@ impl AuditLog {
         let mut queue = lock(&self.shared.queue);
         if queue.closed {
             tracing::error!(
-                request_id = record.request_id,
+                request_id = ?record.request_id,
                 "audit record after close, not written"
             );
             return;
@@ -505,9 +561,9 @@ mod tests {
 
     fn record(i: u64) -> Record {
         Record {
-            ts: now_rfc3339(),
+            ts: jiff::Timestamp::now(),
             kind: "request",
-            request_id: format!("req_{i}"),
+            request_id: http::HeaderValue::from_str(&format!("req_{i}")).ok(),
             agent: Some("agent-a".into()),
             method: "POST".into(),
             path: "/openai/v1/chat/completions".into(),
@@ -540,6 +596,28 @@ mod tests {
 
     fn verify_dir(dir: &Path) -> Result<verify::Verified, verify::Broken> {
         verify::verify(&[dir.to_path_buf()], None)
+    }
+
+    #[test]
+    fn times_are_written_in_rfc_3339_with_milliseconds() {
+        for nanos in [
+            0i128,
+            1,
+            999_999,
+            1_000_000,
+            1_764_474_891_123_456_789,
+            4_102_444_799_999_000_000,
+        ] {
+            let ts = jiff::Timestamp::from_nanosecond(nanos).unwrap();
+            let system = std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_nanos(u64::try_from(nanos).unwrap());
+            let expected = humantime::format_rfc3339_millis(system).to_string();
+            assert_eq!(Millis::of(ts).as_str(), expected, "{nanos} ns");
+        }
+        assert_eq!(
+            Millis::of("2026-11-30T04:14:51.1239Z".parse().unwrap()).as_str(),
+            "2026-11-30T04:14:51.123Z"
+        );
     }
 
     #[test]

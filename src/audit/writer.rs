@@ -182,6 +182,8 @@ impl Snapshots {
     /// Adds a batch that is on disk and ends with line `seq`, of hash `hash`.
     fn fold<'a>(&mut self, batch: impl Iterator<Item = &'a Record>, seq: u64, hash: &str) {
         for record in batch {
+            // Only run lines are read for their time (a stop's).
+            let ts = (record.kind == "run").then(|| super::Millis::of(record.ts));
             self.aggregate.note(&Fact {
                 kind: record.kind,
                 agent: record.agent.as_deref(),
@@ -189,7 +191,7 @@ impl Snapshots {
                 outcome: record.outcome,
                 reason: &record.reason,
                 detail: record.detail.as_deref(),
-                ts: &record.ts,
+                ts: ts.as_ref().map_or("", super::Millis::as_str),
                 outcome_kind: record.outcome_kind.as_deref(),
             });
             let Some(agent) = record.agent.as_deref() else {
@@ -202,11 +204,7 @@ impl Snapshots {
                 record.output_tokens,
                 record.cost_usd,
             );
-            // `ts` comes from `now_rfc3339`: it parses unless a record was built by hand,
-            // and a replay of such a line would skip it just the same.
-            if let Ok(at) = record.ts.parse::<jiff::Timestamp>() {
-                self.aggregate.fold(agent, at, spend);
-            }
+            self.aggregate.fold(agent, record.ts, spend);
         }
         self.aggregate.advance(seq, hash);
         self.dirty = true;

@@ -82,7 +82,7 @@ pub async fn handle(
         }
     };
     let origin = Origin {
-        request_id: meta.request_id.to_str().unwrap_or_default().to_owned(),
+        request_id: Some(meta.request_id.clone()),
         method: meta.method.as_str().to_owned(),
         path: meta.path.to_string(),
         client: Some(meta.client_addr),

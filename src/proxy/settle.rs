@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::tap::{Flow, Observer, StreamEnd};
 use super::{AppState, Rejected, RequestMeta};
-use crate::audit::{method_name, now_rfc3339, AuditLog, Fingerprint, Record};
+use crate::audit::{method_name, AuditLog, Fingerprint, Record};
 use crate::guard::anomaly::{Anomalies, AnomalySettings};
 use crate::guard::runs::{Allowance, Condition, Crossed, Ending, Ticket};
 use crate::guard::{Slot, Switches};
@@ -90,7 +90,7 @@ impl Watch {
         tracing::warn!(agent = &*agent.id, "token spike: {spike}");
         let window = humantime::format_duration(self.settings.window);
         audit.append(Record {
-            ts: now_rfc3339(),
+            ts: jiff::Timestamp::now(),
             kind: "anomaly",
             agent: Some(agent.id.clone()),
             team: agent.team.clone(),
@@ -108,7 +108,7 @@ impl Watch {
             }
             // The line a restart replays the pause from, as for an admin's.
             audit.append(Record {
-                ts: now_rfc3339(),
+                ts: jiff::Timestamp::now(),
                 kind: "admin",
                 agent: Some(agent.id.clone()),
                 team: agent.team.clone(),
@@ -410,9 +410,9 @@ impl Settlement {
         metrics.upstream_ttfb.observe(upstream_ttfb.as_secs_f64());
 
         audit.append(Record {
-            ts: now_rfc3339(),
+            ts: jiff::Timestamp::now(),
             kind: "request",
-            request_id: request_id.to_str().unwrap_or_default().to_owned(),
+            request_id: Some(request_id.clone()),
             agent: Some(agent.id.clone()),
             team: agent.team.clone(),
             run,
@@ -525,7 +525,7 @@ pub fn run_event(
         }
     };
     audit.append(Record {
-        ts: now_rfc3339(),
+        ts: jiff::Timestamp::now(),
         kind: "run",
         agent: Some(agent.id.clone()),
         team: agent.team.clone(),
@@ -582,9 +582,9 @@ pub fn reject(state: &AppState, meta: &RequestMeta, rejected: Rejected) {
         "rejected: {error}"
     );
     state.audit.append(Record {
-        ts: now_rfc3339(),
+        ts: jiff::Timestamp::now(),
         kind: "request",
-        request_id: meta.request_id.to_str().unwrap_or_default().to_owned(),
+        request_id: Some(meta.request_id.clone()),
         agent: agent.as_ref().map(|a| a.id.clone()),
         team: agent.as_ref().and_then(|a| a.team.clone()),
         run,

@@ -205,9 +205,9 @@ mod tests {
 
     fn request(agent: &str, cost: f64, fingerprint: &str) -> Record {
         Record {
-            ts: crate::audit::now_rfc3339(),
+            ts: jiff::Timestamp::now(),
             kind: "request",
-            request_id: "req".into(),
+            request_id: Some(http::HeaderValue::from_static("req")),
             agent: Some(agent.into()),
             team: Some("team-a".into()),
             status: 200,

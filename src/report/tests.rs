@@ -28,7 +28,7 @@ fn write(dir: &Path, records: Vec<Record>) {
 
 fn request(ts: &str, agent: &str, fp: &str, input: u64, cost: f64) -> Record {
     Record {
-        ts: ts.into(),
+        ts: ts.parse().unwrap(),
         kind: "request",
         agent: Some(agent.into()),
         team: Some("t".into()),
@@ -83,7 +83,7 @@ fn figures_redundancy_outcomes_and_stops_are_summed() {
             // Same body, other agent: not redundant.
             request("2026-11-29T11:32:00.000Z", "b", "1", 5, 1.0),
             Record {
-                ts: "2026-11-29T11:33:00.000Z".into(),
+                ts: "2026-11-29T11:33:00.000Z".parse().unwrap(),
                 kind: "outcome",
                 agent: Some("a".into()),
                 team: Some("t".into()),
@@ -92,7 +92,7 @@ fn figures_redundancy_outcomes_and_stops_are_summed() {
                 ..Record::default()
             },
             Record {
-                ts: "2026-11-29T11:34:00.000Z".into(),
+                ts: "2026-11-29T11:34:00.000Z".parse().unwrap(),
                 kind: "run",
                 agent: Some("a".into()),
                 outcome: "stopped",
@@ -100,12 +100,12 @@ fn figures_redundancy_outcomes_and_stops_are_summed() {
                 ..Record::default()
             },
             Record {
-                ts: "2026-11-29T11:35:00.000Z".into(),
+                ts: "2026-11-29T11:35:00.000Z".parse().unwrap(),
                 kind: "admin",
                 ..Record::default()
             },
             Record {
-                ts: "2026-11-29T11:36:00.000Z".into(),
+                ts: "2026-11-29T11:36:00.000Z".parse().unwrap(),
                 kind: "anomaly",
                 agent: Some("b".into()),
                 reason: "spend_spike".into(),
