@@ -2,6 +2,7 @@
 //! key, send through the pooled client, and tap the response on its way back.
 
 pub mod admit;
+mod connect;
 pub mod error;
 pub mod headers;
 pub mod outcomes;
@@ -42,6 +43,7 @@ use crate::metrics::Metrics;
 use crate::providers::{openai, RequestFields};
 use crate::providers::{Provider, ProviderError, ProviderKind, Router};
 use admit::Policies;
+use connect::TcpConnector;
 use error::{error_response, ProxyError, REQUEST_ID_HEADER};
 use settle::Settlement;
 use strip::StripUsage;
@@ -55,7 +57,7 @@ pub type UpstreamBody = Either<Full<Bytes>, Upload>;
 pub type ResponseBody = Either<Either<Tapped, StripUsage<Tapped>>, Full<Bytes>>;
 /// A provider's response body on its way to the client.
 pub type Tapped = TapBody<Incoming, Box<Settlement>>;
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+pub type UpstreamClient = Client<HttpsConnector<TcpConnector>, UpstreamBody>;
 
 /// Everything derived from one version of the config; swapped whole on reload.
 #[derive(Debug)]
@@ -192,7 +194,7 @@ fn build_client(cfg: &UpstreamConfig) -> UpstreamClient {
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(TcpConnector(http));
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
