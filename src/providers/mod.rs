@@ -84,11 +84,48 @@ impl From<ProviderKindConfig> for ProviderKind {
     }
 }
 
+/// A string borrowed from the body where it has no escapes: serde copies a `Cow` that
+/// sits in an `Option`.
+fn borrowed_str<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<std::borrow::Cow<'de, str>>, D::Error> {
+    use std::borrow::Cow;
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = Option<Cow<'de, str>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string or null")
+        }
+
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    deserializer.deserialize_option(Text)
+}
+
 /// The few request fields the proxy reads, in either wire format, without building the
 /// whole document.
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct RequestFields<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed_str")]
     pub model: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     pub stream: Option<bool>,
@@ -713,6 +750,30 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn the_model_is_borrowed_from_the_body_unless_escaped() {
+        use std::borrow::Cow;
+        let model = |json: &str| {
+            serde_json::from_str::<RequestFields<'_>>(json)
+                .map(|f| {
+                    f.model
+                        .map(|m| (matches!(m, Cow::Borrowed(_)), m.into_owned()))
+                })
+                .map_err(|_| ())
+        };
+        assert_eq!(
+            model(r#"{"model":"gpt-4o"}"#),
+            Ok(Some((true, "gpt-4o".into())))
+        );
+        assert_eq!(
+            model(r#"{"model":"a\"b"}"#),
+            Ok(Some((false, "a\"b".into())))
+        );
+        assert_eq!(model(r#"{"model":null}"#), Ok(None));
+        assert_eq!(model(r#"{}"#), Ok(None));
+        assert_eq!(model(r#"{"model":5}"#), Err(()));
     }
 
     #[test]
