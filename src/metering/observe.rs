@@ -469,54 +469,54 @@ fn collect_generated_text(value: &Value, out: &mut String) {
     }
 }
 
-/// Appends the string values of [`GENERATED_KEYS`] anywhere in a JSON document, as
-/// [`collect_generated_text`] finds them in a parsed one, without parsing it: the scan
-/// tracks only the open containers, whether the next string is a key, and whether the
-/// last key was one of those. A document that is not JSON gives what such a scan finds
-/// (it is only ever counted); nesting past 64 levels ends the scan.
+/// Appends the string values of [`GENERATED_KEYS`] anywhere in a JSON document, in
+/// document order, as [`collect_generated_text`] finds them in a parsed one, without
+/// parsing it. Each key is searched for as a whole token, `"content"` with its quotes, by
+/// a vector search: in JSON an unescaped quote followed by a key's name and a closing
+/// quote can only open that key or a string of that text, and only a key is followed by
+/// a colon. A document that is not JSON gives what such a search finds (it is only ever
+/// counted).
 fn generated_text(json: &[u8], out: &mut String) {
-    // Bit n: the container at depth n + 1 is an object.
-    let mut objects: u64 = 0;
-    let mut depth: u32 = 0;
-    let in_object = |objects: u64, depth: u32| depth > 0 && objects >> (depth - 1) & 1 == 1;
-    let mut expect_key = false;
-    let mut wanted = false;
-    let mut i = 0;
-    while i < json.len() {
-        match json[i] {
-            open @ (b'{' | b'[') => {
-                if depth == 64 {
-                    return;
+    static FINDERS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 6]> =
+        std::sync::LazyLock::new(|| {
+            GENERATED_KEYS.map(|key| {
+                memchr::memmem::Finder::new(format!("\"{key}\"").as_bytes()).into_owned()
+            })
+        });
+    let mut keys = FINDERS.each_ref().map(|f| f.find_iter(json).peekable());
+    // The matches of every key, merged by position.
+    loop {
+        let mut first: Option<(usize, usize)> = None;
+        for (i, found) in keys.iter_mut().enumerate() {
+            if let Some(&at) = found.peek() {
+                if first.is_none_or(|(earliest, _)| at < earliest) {
+                    first = Some((at, i));
                 }
-                objects = objects & !(1 << depth) | u64::from(open == b'{') << depth;
-                depth += 1;
-                expect_key = open == b'{';
-                wanted = false;
             }
-            b'}' | b']' => {
-                depth = depth.saturating_sub(1);
-                expect_key = false;
-                wanted = false;
-            }
-            b',' => expect_key = in_object(objects, depth),
-            b'"' => {
-                let start = i + 1;
-                let end = string_end(json, start);
-                let raw = &json[start..end];
-                if expect_key {
-                    wanted = GENERATED_KEYS.iter().any(|k| k.as_bytes() == raw);
-                    expect_key = false;
-                } else {
-                    if wanted && in_object(objects, depth) {
-                        push_json_string(&json[i..(end + 1).min(json.len())], raw, out);
-                    }
-                    wanted = false;
-                }
-                i = end;
-            }
-            _ => {}
         }
-        i += 1;
+        let Some((at, i)) = first else {
+            return;
+        };
+        keys[i].next();
+        let len = FINDERS[i].needle().len();
+        let escaped = json[..at].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1;
+        if escaped {
+            continue;
+        }
+        let Some(value) = json[at + len..].trim_ascii_start().strip_prefix(b":") else {
+            continue;
+        };
+        let value = value.trim_ascii_start();
+        if value.first() != Some(&b'"') {
+            continue;
+        }
+        let start = json.len() - value.len() + 1;
+        let end = string_end(json, start);
+        push_json_string(
+            &json[start - 1..(end + 1).min(json.len())],
+            &json[start..end],
+            out,
+        );
     }
 }
 
@@ -780,10 +780,25 @@ mod tests {
             generated_text(data.as_bytes(), &mut scanned);
             assert_eq!(scanned, found, "{data}");
         }
+        // No depth to keep track of: deep nesting is found as a parse finds it.
         let deep = "[".repeat(100) + r#"{"content":"deep"}"# + &"]".repeat(100);
         let mut scanned = String::new();
         generated_text(deep.as_bytes(), &mut scanned);
-        assert_eq!(scanned, "", "nesting past 64 levels ends the scan");
+        assert_eq!(scanned, "deep");
+        // In document order, whatever the key.
+        let mut scanned = String::new();
+        generated_text(
+            br#"{"text":"1","content":"2","delta":{"text":"3"},"arguments":"4","text":"5"}"#,
+            &mut scanned,
+        );
+        assert_eq!(scanned, "12345");
+        // A key's name as a value, or escaped inside one, is not a key.
+        let mut scanned = String::new();
+        generated_text(
+            br#"{"role":"content","note":"say "text": no","x\":1,"content" :"yes"}"#,
+            &mut scanned,
+        );
+        assert_eq!(scanned, "yes");
     }
 
     fn sorted(s: &str) -> Vec<char> {
