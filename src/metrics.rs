@@ -3,10 +3,9 @@
 //! config; model names come from requests, so at most [`MAX_MODEL_LABELS`] distinct ones
 //! are used and the rest are counted as `other`. No key, run id or path is ever a label.
 
+use std::collections::HashSet;
 use std::sync::Mutex;
 
-// Model names seen, bounded: a fast hash, seeded per process.
-use hashbrown::HashSet;
 use prometheus::{
     CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,

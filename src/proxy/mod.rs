@@ -675,10 +675,16 @@ fn insert_remaining(headers: &mut HeaderMap, remaining: crate::ledger::Remaining
     }
 }
 
-/// Nano-dollars as dollars with six decimals, rounded half up (`12.345679`), in integer
-/// arithmetic: float formatting costs more than the rest of the header.
+/// Nano-dollars as dollars with six decimals (`12.345679`), as `{:.6}` of the dollars as
+/// a float shows them, in integer arithmetic: float formatting costs more than the rest
+/// of the header. The float's own rounding is kept where integers would differ: at an
+/// exact half micro-dollar (the float lies just above or below it) and past 2^53 nanos.
 fn usd_value(nanos: u64) -> HeaderValue {
-    let micros = nanos / 1_000 + u64::from(nanos % 1_000 >= 500);
+    if nanos % 1_000 == 500 || nanos > 1 << 53 {
+        let text = format!("{:.6}", crate::ledger::nanos_to_usd(nanos));
+        return HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("0"));
+    }
+    let micros = nanos / 1_000 + u64::from(nanos % 1_000 > 500);
     let mut digits = itoa::Buffer::new();
     let whole = digits.format(micros / 1_000_000).as_bytes();
     // At most 20 digits, a point and six more.
@@ -838,17 +844,30 @@ mod tests {
             (0, "0.000000"),
             (1, "0.000000"),
             (499, "0.000000"),
-            (500, "0.000001"),
+            (501, "0.000001"),
             (1_234_567_890, "1.234568"),
             (5_000_000_000, "5.000000"),
             (999_999_999, "1.000000"),
-            (u64::MAX, "18446744073.709552"),
         ] {
             assert_eq!(usd_value(nanos), shown, "{nanos} nano-dollars");
         }
-        for nanos in (0..10_000_000_000u64).step_by(7_777_777) {
-            let float = format!("{:.6}", crate::ledger::nanos_to_usd(nanos));
-            assert_eq!(usd_value(nanos), float.as_str(), "{nanos} nano-dollars");
+        let float = |nanos: u64| format!("{:.6}", crate::ledger::nanos_to_usd(nanos));
+        let ties = (0..200_000u64).map(|m| m * 1_000 + 500);
+        let near_ties = (0..200_000u64).flat_map(|m| [m * 1_000 + 499, m * 1_000 + 501]);
+        let grid = (0..10_000_000_000u64).step_by(7_777_777);
+        let huge = [
+            (1 << 53) - 1,
+            1 << 53,
+            (1 << 53) + 1,
+            u64::MAX / 3,
+            u64::MAX,
+        ];
+        for nanos in ties.chain(near_ties).chain(grid).chain(huge) {
+            assert_eq!(
+                usd_value(nanos),
+                float(nanos).as_str(),
+                "{nanos} nano-dollars"
+            );
         }
     }
 
