@@ -16,17 +16,15 @@ and, for the audit record's, a free on the writer thread.
 import argparse
 import collections
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as load  # noqa: E402  (the load script's config, bodies and helpers)
+from callgrind import release_binary, under_valgrind  # noqa: E402  (the same valgrind run)
 
 BODIES = {"chat": load.CHAT, "stream": load.CHAT_STREAM}
 INTERNAL = re.compile(r"(library/(alloc|core|std)|raw_vec|/alloc/src|__rust|malloc|calloc|"
@@ -50,14 +48,7 @@ def main():
     ap.add_argument("--top", type=int, default=30, help="sites to list")
     opts = ap.parse_args()
 
-    if not shutil.which("valgrind"):
-        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
-    if opts.bin:
-        binary = Path(opts.bin).resolve()
-    else:
-        subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "tokenwarden"],
-                       cwd=load.ROOT, check=True)
-        binary = load.BIN
+    binary = release_binary(opts.bin)
     oha = load.ensure_oha()
     tmp = Path(tempfile.mkdtemp(prefix="tw-allocs-"))
     out = tmp / "dhat.json"
@@ -65,31 +56,8 @@ def main():
     try:
         config = tmp / "tw.toml"
         config.write_text(load.proxy_config(mock_addr, tmp / "data", True, None))
-        proc = subprocess.Popen(
-            ["valgrind", "--tool=dhat", f"--dhat-out-file={out}", str(binary), "serve",
-             "--config", str(config)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "RUST_LOG": "warn", "BENCH_OPENAI_KEY": "sk-bench"})
-        try:
-            line = proc.stdout.readline()
-            while line and "://" not in line:
-                line = proc.stdout.readline()
-            if not line:
-                raise SystemExit("the proxy under valgrind printed no address")
-            addr = line.split("://")[1].split(" ")[0].strip()
-            cmd = [oha, "--no-tui", "--output-format", "json", "-n", str(opts.n), "-c", "1",
-                   "-m", "POST", "-H", "content-type: application/json",
-                   "-H", f"authorization: Bearer {load.KEY}",
-                   "-D", load.body_file(BODIES[opts.body]),
-                   f"http://{addr}/openai/v1/chat/completions"]
-            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                               timeout=600).stdout)
-            codes = result.get("statusCodeDistribution", {})
-            if codes.get("200", 0) != opts.n:
-                raise SystemExit(f"non-200 answers: {codes}")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=300)
+        under_valgrind(["--tool=dhat", f"--dhat-out-file={out}"], binary, config, opts.n,
+                       BODIES[opts.body], oha)
         profile = json.loads(out.read_text())
     finally:
         mock.terminate()

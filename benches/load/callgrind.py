@@ -41,13 +41,22 @@ BODIES = {
 }
 
 
-def profile(binary, mock_addr, tmp, limits, requests, body, out, oha):
-    """Runs one proxy under callgrind, sends `requests` requests, returns total instructions."""
-    config = tmp / f"tw-{requests}.toml"
-    config.write_text(load.proxy_config(mock_addr, tmp / f"data-{requests}", limits, None))
+def release_binary(path):
+    """The binary at `path`, or the release build (built now) when none is given."""
+    if not shutil.which("valgrind"):
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    if path:
+        return Path(path).resolve()
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "tokenwarden"],
+                   cwd=load.ROOT, check=True)
+    return load.BIN
+
+
+def under_valgrind(tool, binary, config, requests, body, oha):
+    """Runs the proxy with `config` under valgrind (`tool`: its arguments), sends it
+    `requests` requests on one connection, and stops it, so the tool writes its output."""
     proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(binary), "serve",
-         "--config", str(config)],
+        ["valgrind", *tool, str(binary), "serve", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "RUST_LOG": "warn", "BENCH_OPENAI_KEY": "sk-bench"})
     try:
@@ -70,6 +79,14 @@ def profile(binary, mock_addr, tmp, limits, requests, body, out, oha):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=300)
+
+
+def profile(binary, mock_addr, tmp, limits, requests, body, out, oha):
+    """Runs one proxy under callgrind, sends `requests` requests, returns total instructions."""
+    config = tmp / f"tw-{requests}.toml"
+    config.write_text(load.proxy_config(mock_addr, tmp / f"data-{requests}", limits, None))
+    under_valgrind(["--tool=callgrind", f"--callgrind-out-file={out}"], binary, config,
+                   requests, body, oha)
     for line in Path(out).read_text().splitlines():
         if line.startswith("totals:"):
             return int(line.split()[1])
@@ -96,14 +113,7 @@ def main():
     ap.add_argument("--keep", help="keep both profiles in this directory")
     opts = ap.parse_args()
 
-    if not shutil.which("valgrind"):
-        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
-    if opts.bin:
-        binary = Path(opts.bin).resolve()
-    else:
-        subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "tokenwarden"],
-                       cwd=load.ROOT, check=True)
-        binary = load.BIN
+    binary = release_binary(opts.bin)
     oha = load.ensure_oha()
     tmp = Path(tempfile.mkdtemp(prefix="tw-callgrind-"))
     keep = Path(opts.keep) if opts.keep else tmp

@@ -206,12 +206,9 @@ fn build_client(cfg: &UpstreamConfig) -> UpstreamClient {
 /// A fresh request id: 64 random bits, hex. Its bytes are shared from the start, so the
 /// response header, the settlement and the audit record hold it without a copy.
 fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = *b"req_0000000000000000";
-    let bits = rand::random::<u64>();
-    for (i, digit) in id[4..].iter_mut().enumerate() {
-        *digit = HEX[(bits >> (60 - 4 * i) & 0xf) as usize];
-    }
+    // Cannot fail: 8 bytes are exactly 16 hex digits.
+    let _ = hex::encode_to_slice(rand::random::<u64>().to_be_bytes(), &mut id[4..]);
     // Hex digits and an underscore are always a valid header value.
     HeaderValue::from_maybe_shared(Bytes::from_owner(id))
         .unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
@@ -684,21 +681,15 @@ fn usd_value(nanos: u64) -> HeaderValue {
         let text = format!("{:.6}", crate::ledger::nanos_to_usd(nanos));
         return HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("0"));
     }
+    use std::io::Write;
     let micros = nanos / 1_000 + u64::from(nanos % 1_000 > 500);
-    let mut digits = itoa::Buffer::new();
-    let whole = digits.format(micros / 1_000_000).as_bytes();
     // At most 20 digits, a point and six more.
-    let mut text = [b'0'; 27];
-    text[..whole.len()].copy_from_slice(whole);
-    text[whole.len()] = b'.';
-    let end = whole.len() + 7;
-    let mut fraction = micros % 1_000_000;
-    for digit in text[whole.len() + 1..end].iter_mut().rev() {
-        *digit = b'0' + (fraction % 10) as u8;
-        fraction /= 10;
-    }
+    let mut text = [0u8; 27];
+    let mut rest = &mut text[..];
+    let _ = write!(rest, "{}.{:06}", micros / 1_000_000, micros % 1_000_000);
+    let len = 27 - rest.len();
     // Digits and a point are always a valid header value.
-    HeaderValue::from_bytes(&text[..end]).unwrap_or(HeaderValue::from_static("0"))
+    HeaderValue::from_bytes(&text[..len]).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Reads a JSON body whole (the proxy may need its fields), and streams any other body.
