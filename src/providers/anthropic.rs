@@ -18,7 +18,6 @@ pub fn error_body(class: ErrorClass, message: &str) -> Bytes {
         ErrorClass::BudgetExhausted => "billing_error",
         ErrorClass::PermissionDenied | ErrorClass::Paused => "permission_error",
         ErrorClass::RateLimited => "rate_limit_error",
-        ErrorClass::Internal => "api_error",
     };
     let body = json!({ "type": "error", "error": { "type": kind, "message": message } });
     Bytes::from(body.to_string())

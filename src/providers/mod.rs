@@ -41,8 +41,6 @@ pub enum ErrorClass {
     Paused,
     /// Too many requests or tokens this minute, or too many at once (429).
     RateLimited,
-    /// A fault of the proxy itself (500).
-    Internal,
 }
 
 impl ErrorClass {
@@ -58,7 +56,6 @@ impl ErrorClass {
             ErrorClass::BudgetExhausted => StatusCode::PAYMENT_REQUIRED,
             ErrorClass::PermissionDenied | ErrorClass::Paused => StatusCode::FORBIDDEN,
             ErrorClass::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

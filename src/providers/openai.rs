@@ -20,7 +20,6 @@ pub fn error_body(class: ErrorClass, reason: &str, message: &str) -> Bytes {
         ErrorClass::PermissionDenied => ("invalid_request_error", reason),
         ErrorClass::Paused => ("invalid_request_error", "agent_paused"),
         ErrorClass::RateLimited => ("rate_limit_exceeded", "rate_limit_exceeded"),
-        ErrorClass::Internal => ("server_error", "internal_error"),
     };
     let body = json!({
         "error": { "message": message, "type": kind, "param": null, "code": code }

@@ -47,8 +47,6 @@ pub enum ProxyError {
     ModelNotAllowed(String),
     #[error("set {0}: a budget applies and this proxy refuses requests without an output limit")]
     OutputLimitRequired(&'static str),
-    #[error("internal error")]
-    Internal,
     #[error("model {0:?} has no price, so the agent's dollar budget cannot be enforced; add [pricing.\"{0}\"]")]
     Unpriced(String),
     #[error("the request body is not JSON the proxy can read, and a budget applies to this agent")]
@@ -84,7 +82,6 @@ impl ProxyError {
             ProxyError::Paused { .. } => ErrorClass::Paused,
             ProxyError::OutputLimitRequired(_) => ErrorClass::InvalidRequest,
             ProxyError::RateLimited { .. } => ErrorClass::RateLimited,
-            ProxyError::Internal => ErrorClass::Internal,
             ProxyError::Unpriced(_) => ErrorClass::PermissionDenied,
             ProxyError::Unreadable => ErrorClass::InvalidRequest,
         }
@@ -122,7 +119,6 @@ impl ProxyError {
             ProxyError::Paused { .. } => "paused",
             ProxyError::OutputLimitRequired(_) => "output_limit_required",
             ProxyError::RateLimited { .. } => "rate_limited",
-            ProxyError::Internal => "internal",
             ProxyError::Unpriced(_) => "unpriced_model",
             ProxyError::Unreadable => "unreadable_body",
         }

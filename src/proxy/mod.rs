@@ -3,6 +3,7 @@
 
 pub mod admit;
 mod connect;
+mod detach;
 pub mod error;
 pub mod headers;
 pub mod outcomes;
@@ -216,24 +217,16 @@ fn new_request_id() -> HeaderValue {
 
 /// Serves one request from a client.
 ///
-/// The request runs in a task of its own: a client that goes away before the response
-/// headers must not cancel it halfway, which would lose its spend and its audit record.
-/// The task finishes; dropping its response then settles it as `client_gone`.
+/// A client that goes away before the response headers must not cancel the request
+/// halfway, which would lose its spend and its audit record: the request then runs on
+/// in a task of its own ([`detach`]), and dropping its response settles it as
+/// `client_gone`.
 pub async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
     client_addr: SocketAddr,
 ) -> Response<ResponseBody> {
-    let request_id = new_request_id();
-    // Boxed: the task then moves a pointer, not the whole state of the request.
-    let task = tokio::spawn(Box::pin(serve(state, req, client_addr, request_id.clone())));
-    match task.await {
-        Ok(response) => response,
-        Err(e) => {
-            tracing::error!(error = %e, "request task failed");
-            error_response(ProviderKind::OpenAi, &ProxyError::Internal, &request_id)
-        }
-    }
+    detach::run_to_end(serve(state, req, client_addr, new_request_id())).await
 }
 
 async fn serve(
