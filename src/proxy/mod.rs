@@ -5,6 +5,7 @@ pub mod admit;
 mod connect;
 mod detach;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod outcomes;
 pub mod settle;
@@ -57,7 +58,10 @@ pub type UpstreamBody = Either<Full<Bytes>, Upload>;
 /// What the proxy answers: a tapped provider response or an error it made itself.
 pub type ResponseBody = Either<Either<Tapped, StripUsage<Tapped>>, Full<Bytes>>;
 /// A provider's response body on its way to the client.
-pub type Tapped = TapBody<Incoming, Box<Settlement>>;
+pub type Tapped = TapBody<FromUpstream, Box<Settlement>>;
+/// A provider's response body as it arrives: from hyper's client (TLS, HTTP/2) or from
+/// the plain-TCP HTTP/1.1 client.
+pub type FromUpstream = Either<Incoming, h1::H1Body>;
 pub type UpstreamClient = Client<HttpsConnector<TcpConnector>, UpstreamBody>;
 
 /// Everything derived from one version of the config; swapped whole on reload.
@@ -102,7 +106,7 @@ impl Live {
 /// State shared by every request.
 pub struct AppState {
     pub live: ArcSwap<Live>,
-    pub client: UpstreamClient,
+    pub client: Upstreams,
     pub metrics: Arc<Metrics>,
     pub audit: Arc<AuditLog>,
     /// Budgets outlive config reloads.
@@ -141,7 +145,7 @@ impl AppState {
         ledger: Arc<Ledger>,
         redis: Option<Arc<RedisLedger>>,
     ) -> AppState {
-        let client = build_client(&live.config.upstream);
+        let client = Upstreams::new(&live.config.upstream);
         AppState {
             live: ArcSwap::from_pointee(live),
             client,
@@ -179,11 +183,63 @@ impl AppState {
     }
 }
 
-/// One pooled keep-alive client for every provider, HTTP/1.1 or HTTP/2 by ALPN.
+/// The clients to the providers: plain-TCP upstreams are spoken to by the lean HTTP/1.1
+/// client of [`h1`], TLS ones by hyper's pooled client, HTTP/1.1 or HTTP/2 by ALPN.
 ///
-/// It never retries a request that reached the wire: a retry could bill twice, and the
-/// SDKs retry on their own. (A request is re-sent only when a pooled connection turns out
-/// closed before any byte of it was written.)
+/// Neither retries a request that reached the wire: a retry could bill twice, and the
+/// SDKs retry on their own. (hyper's re-sends a request only when a pooled connection
+/// turns out closed before any byte of it was written; the HTTP/1.1 client checks a
+/// pooled connection before it writes.)
+pub struct Upstreams {
+    tls: UpstreamClient,
+    plain: h1::Client,
+}
+
+/// Why a request got no response from its provider.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Tls(#[from] hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    Plain(#[from] h1::Error),
+}
+
+impl UpstreamError {
+    fn is_connect(&self) -> bool {
+        match self {
+            UpstreamError::Tls(e) => e.is_connect(),
+            UpstreamError::Plain(e) => e.is_connect(),
+        }
+    }
+}
+
+impl Upstreams {
+    fn new(cfg: &UpstreamConfig) -> Upstreams {
+        Upstreams {
+            tls: build_client(cfg),
+            plain: h1::Client::new(h1::Settings {
+                connect_timeout: cfg.connect_timeout,
+                idle_timeout: cfg.pool_idle_timeout,
+                max_idle_per_host: cfg.pool_max_idle_per_host,
+            }),
+        }
+    }
+
+    /// Sends a request; the response comes back once its head has arrived.
+    pub async fn request(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<FromUpstream>, UpstreamError> {
+        if req.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
+            let response = self.plain.request(req).await?;
+            Ok(response.map(Either::Right))
+        } else {
+            let response = self.tls.request(req).await?;
+            Ok(response.map(Either::Left))
+        }
+    }
+}
+
 fn build_client(cfg: &UpstreamConfig) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -782,11 +838,7 @@ fn contains_encoded_separator(segment: &[u8]) -> bool {
     })
 }
 
-fn classify_upstream_error(
-    error: &hyper_util::client::legacy::Error,
-    provider: &Provider,
-    limit: u64,
-) -> ProxyError {
+fn classify_upstream_error(error: &UpstreamError, provider: &Provider, limit: u64) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
         if e.is::<TooLarge>() {

@@ -1,0 +1,757 @@
+//! A pooled HTTP/1.1 client for plain-TCP upstreams (a local vLLM or Ollama, a mock).
+//!
+//! Why not hyper's client here: a hyper-util connection holds an 8 KiB read buffer, an
+//! 8 KiB write buffer and a request channel of 32 slots (9 KiB) for as long as it lives,
+//! runs in a task of its own, and hands every frame across tasks. On an open stream that
+//! is more memory than a whole nginx connection. Here a connection is a socket and a few
+//! words of state: the response body reads straight from the socket inside the client's
+//! own task, through a buffer on the stack, and copies each read to its exact size. TLS
+//! upstreams (HTTP/2 by ALPN) keep hyper's client.
+//!
+//! It never retries: a retry could bill twice, and the SDKs retry on their own. A pooled
+//! connection is checked before reuse (a peer that closed it has left an end of file to
+//! read), so a request is not sent down a connection known to be gone.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Largest response head read; a provider's is a few hundred bytes.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most response headers accepted, as hyper's default.
+const MAX_HEADERS: usize = 100;
+/// The stack buffer a response body is read through.
+const READ_CHUNK: usize = 16 * 1024;
+/// A request body up to this size is written in one call with its head.
+const INLINE_BODY: usize = 64 * 1024;
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connect: {0}")]
+    Connect(#[source] io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("the request body failed: {0}")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("connection failed: {0}")]
+    Io(#[source] io::Error),
+    #[error("connection closed before the response head")]
+    Closed,
+    #[error("malformed response: {0}")]
+    Malformed(&'static str),
+}
+
+impl Error {
+    /// The upstream could not be reached at all.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Connect(_) | Error::ConnectTimeout)
+    }
+}
+
+/// Settings taken from `[upstream]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_host: usize,
+}
+
+/// Keep-alive connections by `host:port`, each with when it went idle.
+#[derive(Default)]
+struct Pool {
+    // Keyed by the authorities of configured providers: the standard hasher is plenty.
+    idle: Mutex<HashMap<Box<str>, Vec<Idle>>>,
+}
+
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+/// The client: cheap to share, one pool for every plain-TCP provider.
+#[derive(Clone)]
+pub struct Client {
+    pool: Arc<Pool>,
+    settings: Settings,
+}
+
+impl Client {
+    pub fn new(settings: Settings) -> Client {
+        Client {
+            pool: Arc::default(),
+            settings,
+        }
+    }
+
+    /// Sends `req` (an `http://` URI) and returns the response once its head has arrived;
+    /// the body then reads from the connection as the caller polls it.
+    pub async fn request<B>(&self, req: Request<B>) -> Result<Response<H1Body>, Error>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, body) = req.into_parts();
+        let authority = parts
+            .uri
+            .authority()
+            .ok_or(Error::Malformed("no host in the upstream URI"))?;
+        let key: Box<str> = if authority.port().is_some() {
+            authority.as_str().into()
+        } else {
+            format!("{}:80", authority.host()).into()
+        };
+        let mut stream = match self.checkout(&key) {
+            Some(stream) => stream,
+            None => self.connect(&key).await?,
+        };
+
+        let head_only = parts.method == Method::HEAD;
+        let body_len = body.size_hint().exact();
+        let mut head = Vec::with_capacity(512);
+        head.extend_from_slice(parts.method.as_str().as_bytes());
+        head.push(b' ');
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        if !parts.headers.contains_key(HOST) {
+            head.extend_from_slice(b"host: ");
+            head.extend_from_slice(authority.as_str().as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        for (name, value) in &parts.headers {
+            if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+                continue;
+            }
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        // The body's own length frames it; a client's declared length stays what it was
+        // (an upload's body is cut at its bound, never past what it declared).
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let chunked = match (body_len, declared) {
+            (Some(0), None) if !expects_body(&parts.method) => false,
+            (Some(len), _) => {
+                write_length(&mut head, len);
+                false
+            }
+            (None, Some(len)) => {
+                write_length(&mut head, len);
+                false
+            }
+            (None, None) => {
+                head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                true
+            }
+        };
+        head.extend_from_slice(b"\r\n");
+        write_request(&mut stream, head, body, chunked).await?;
+
+        let (response, leftover) = read_head(&mut stream).await?;
+        let framing = framing(&response, head_only)?;
+        let reusable = response.version() == Version::HTTP_11
+            && !has_token(response.headers(), CONNECTION, "close");
+        let mut body = H1Body {
+            conn: Some(stream),
+            leftover,
+            framing,
+            reusable,
+            pool: self.pool.clone(),
+            settings: self.settings,
+            key,
+            failed: None,
+        };
+        body.finish_if_done();
+        Ok(response.map(|()| body))
+    }
+
+    /// An idle connection to `key` that is still open, if any.
+    fn checkout(&self, key: &str) -> Option<TcpStream> {
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = idle.get_mut(key)?;
+        while let Some(Idle { stream, since }) = conns.pop() {
+            if since.elapsed() >= self.settings.idle_timeout {
+                continue;
+            }
+            // An open, quiet connection has nothing to read; one the peer closed reads
+            // an end of file, and any bytes at all would be a response to nothing.
+            let mut probe = [0u8; 1];
+            if let Err(e) = stream.try_read(&mut probe) {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return Some(stream);
+                }
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, key: &str) -> Result<TcpStream, Error> {
+        let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(key))
+            .await
+            .map_err(|_| Error::ConnectTimeout)?
+            .map_err(Error::Connect)?;
+        stream.set_nodelay(true).map_err(Error::Connect)?;
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        // Best effort: a connection without keepalive probes still works.
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        Ok(stream)
+    }
+}
+
+/// Methods whose empty body is still sent with a length.
+fn expects_body(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+}
+
+fn write_length(head: &mut Vec<u8>, len: u64) {
+    let _ = write!(head, "content-length: {len}\r\n");
+}
+
+/// Writes the head and the body: a small body in the same write as the head.
+async fn write_request<B>(
+    stream: &mut TcpStream,
+    mut head: Vec<u8>,
+    mut body: B,
+    chunked: bool,
+) -> Result<(), Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // The body goes out with the head until it outgrows `INLINE_BODY`.
+    let mut inlining = true;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Error::Body(e.into()))?;
+        let Ok(mut data) = frame.into_data() else {
+            continue; // trailers of a request are not forwarded
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            let _ = write!(head, "{:x}\r\n", data.len());
+        }
+        if inlining && head.len() + data.len() <= INLINE_BODY {
+            head.extend_from_slice(&data);
+        } else {
+            if !head.is_empty() {
+                stream.write_all(&head).await.map_err(Error::Io)?;
+                head.clear();
+            }
+            inlining = false;
+            stream.write_all_buf(&mut data).await.map_err(Error::Io)?;
+        }
+        if chunked {
+            head.extend_from_slice(b"\r\n");
+        }
+    }
+    if chunked {
+        head.extend_from_slice(b"0\r\n\r\n");
+    }
+    if !head.is_empty() {
+        stream.write_all(&head).await.map_err(Error::Io)?;
+    }
+    Ok(())
+}
+
+/// Reads the response head, skipping interim (1xx) responses. Returns the head and the
+/// bytes read past it.
+async fn read_head(stream: &mut TcpStream) -> Result<(Response<()>, Bytes), Error> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if buf.capacity() == buf.len() {
+            if buf.len() >= MAX_HEAD {
+                return Err(Error::Malformed("response head too large"));
+            }
+            buf.reserve(buf.len());
+        }
+        let n = stream.read_buf(&mut buf).await.map_err(Error::Io)?;
+        if n == 0 {
+            return Err(Error::Closed);
+        }
+        while let Some((response, len)) = parse_head(&buf)? {
+            buf.advance(len);
+            if response.status().is_informational() {
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(Error::Malformed("a protocol switch was not asked for"));
+                }
+                continue;
+            }
+            return Ok((response, buf.split().freeze()));
+        }
+    }
+}
+
+/// One response head from the start of `buf`, with its length; `None` while incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<(Response<()>, usize)>, Error> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::Malformed("too many response headers"))
+        }
+        Err(_) => return Err(Error::Malformed("unparsable response head")),
+    };
+    let status = parsed
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(Error::Malformed("bad status code"))?;
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let mut map = HeaderMap::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| Error::Malformed("bad header name"))?;
+        let value =
+            HeaderValue::from_bytes(h.value).map_err(|_| Error::Malformed("bad header value"))?;
+        map.append(name, value);
+    }
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = map;
+    Ok(Some((response, len)))
+}
+
+/// Whether a comma-separated header holds `token`, in any case.
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// How the response body ends (RFC 9112, section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes more.
+    Length(u64),
+    /// Chunked transfer coding, in this state.
+    Chunked(Chunk),
+    /// Until the upstream closes the connection.
+    Close,
+    /// Nothing more: the body is complete.
+    Done,
+}
+
+fn framing(response: &Response<()>, head_only: bool) -> Result<Framing, Error> {
+    let status = response.status();
+    if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Done);
+    }
+    let headers = response.headers();
+    if headers.contains_key(TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|t| !t.is_empty());
+        return Ok(match last {
+            Some(coding) if coding.eq_ignore_ascii_case("chunked") => {
+                Framing::Chunked(Chunk::Size { size: 0, digits: 0 })
+            }
+            _ => Framing::Close,
+        });
+    }
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    let Some(first) = lengths.next() else {
+        return Ok(Framing::Close);
+    };
+    let len = parse_length(first.as_bytes())?;
+    if lengths.any(|v| parse_length(v.as_bytes()).ok() != Some(len)) {
+        return Err(Error::Malformed("conflicting content lengths"));
+    }
+    Ok(if len == 0 {
+        Framing::Done
+    } else {
+        Framing::Length(len)
+    })
+}
+
+fn parse_length(v: &[u8]) -> Result<u64, Error> {
+    let bad = Error::Malformed("bad content length");
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return Err(bad);
+    }
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(bad)
+}
+
+/// Where the chunked decoder stands between reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading the hex size; `digits` so far.
+    Size {
+        size: u64,
+        digits: u8,
+    },
+    /// Skipping a chunk extension up to the line's end.
+    Extension {
+        size: u64,
+    },
+    /// After the size line's CR.
+    SizeLf {
+        size: u64,
+    },
+    /// This many data bytes left in the chunk.
+    Data(u64),
+    /// The CR, then the LF after a chunk's data.
+    DataCr,
+    DataLf,
+    /// In the trailer section: `at_line_start` when the last byte ended a line.
+    Trailer {
+        at_line_start: bool,
+    },
+}
+
+/// Decodes as much of `input` as it can, appending the data to `out`. Returns the
+/// framing after it and how many bytes of `input` it used (all of them unless it ended).
+fn decode_chunked(
+    mut state: Chunk,
+    input: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(Framing, usize), Error> {
+    let bad = || Error::Malformed("bad chunked encoding");
+    let mut i = 0;
+    while i < input.len() {
+        let b = input[i];
+        state = match state {
+            Chunk::Size { size, digits } => match b {
+                b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                    if digits >= 15 {
+                        return Err(bad());
+                    }
+                    let d = (b as char).to_digit(16).ok_or_else(bad)?;
+                    Chunk::Size {
+                        size: size * 16 + u64::from(d),
+                        digits: digits + 1,
+                    }
+                }
+                b';' | b' ' | b'\t' if digits > 0 => Chunk::Extension { size },
+                b'\r' if digits > 0 => Chunk::SizeLf { size },
+                b'\n' if digits > 0 => end_of_size(size),
+                _ => return Err(bad()),
+            },
+            Chunk::Extension { size } => match b {
+                b'\r' => Chunk::SizeLf { size },
+                b'\n' => end_of_size(size),
+                _ => Chunk::Extension { size },
+            },
+            Chunk::SizeLf { size } if b == b'\n' => end_of_size(size),
+            Chunk::SizeLf { .. } => return Err(bad()),
+            Chunk::Data(left) => {
+                let take = (input.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                out.extend_from_slice(&input[i..i + take]);
+                i += take;
+                let left = left - take as u64;
+                if left > 0 {
+                    return Ok((Framing::Chunked(Chunk::Data(left)), i));
+                }
+                state = Chunk::DataCr;
+                continue;
+            }
+            Chunk::DataCr if b == b'\r' => Chunk::DataLf,
+            Chunk::DataCr | Chunk::DataLf if b == b'\n' => Chunk::Size { size: 0, digits: 0 },
+            Chunk::DataCr | Chunk::DataLf => return Err(bad()),
+            Chunk::Trailer { at_line_start } => match b {
+                b'\n' if at_line_start => return Ok((Framing::Done, i + 1)),
+                b'\n' => Chunk::Trailer {
+                    at_line_start: true,
+                },
+                b'\r' => Chunk::Trailer { at_line_start },
+                _ => Chunk::Trailer {
+                    at_line_start: false,
+                },
+            },
+        };
+        i += 1;
+    }
+    Ok((Framing::Chunked(state), i))
+}
+
+/// After a size line: the data, or for the last chunk the trailer section.
+fn end_of_size(size: u64) -> Chunk {
+    if size == 0 {
+        Chunk::Trailer {
+            at_line_start: true,
+        }
+    } else {
+        Chunk::Data(size)
+    }
+}
+
+/// A response body read from its connection as it is polled. Complete, it gives the
+/// connection back to the pool; dropped before that, it closes the connection, which is
+/// how the upstream learns that the client went away.
+pub struct H1Body {
+    conn: Option<TcpStream>,
+    /// Bytes read with the head that belong to the body.
+    leftover: Bytes,
+    framing: Framing,
+    reusable: bool,
+    pool: Arc<Pool>,
+    settings: Settings,
+    key: Box<str>,
+    /// An error held back one poll (see `poll_frame`).
+    failed: Option<io::Error>,
+}
+
+impl H1Body {
+    /// Once the body is complete, returns the connection to the pool if it may serve
+    /// another request.
+    fn finish_if_done(&mut self) {
+        if self.framing != Framing::Done {
+            return;
+        }
+        let Some(stream) = self.conn.take() else {
+            return;
+        };
+        if !self.reusable || !self.leftover.is_empty() || self.settings.max_idle_per_host == 0 {
+            return;
+        }
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        match idle.get_mut(&*self.key) {
+            Some(conns) if conns.len() >= self.settings.max_idle_per_host => {}
+            Some(conns) => conns.push(Idle {
+                stream,
+                since: Instant::now(),
+            }),
+            None => {
+                let since = Instant::now();
+                idle.insert(self.key.clone(), vec![Idle { stream, since }]);
+            }
+        }
+    }
+
+    /// The next data of the body, read from the connection.
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, io::Error>>> {
+        if !self.leftover.is_empty() {
+            let leftover = std::mem::take(&mut self.leftover);
+            if let Some(data) = self.take(&leftover)? {
+                return Poll::Ready(Some(Ok(data)));
+            }
+        }
+        loop {
+            if self.framing == Framing::Done {
+                return Poll::Ready(None);
+            }
+            let Some(stream) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let mut space = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut buf = ReadBuf::uninit(&mut space);
+            ready!(Pin::new(stream).poll_read(cx, &mut buf))?;
+            let read = buf.filled();
+            if read.is_empty() {
+                self.conn = None;
+                if self.framing == Framing::Close {
+                    self.framing = Framing::Done;
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the upstream closed the connection before the body's end",
+                ))));
+            }
+            if let Some(data) = self.take(read)? {
+                return Poll::Ready(Some(Ok(data)));
+            }
+        }
+    }
+
+    /// Applies the framing to freshly read bytes: the body's data among them, if any.
+    fn take(&mut self, input: &[u8]) -> Result<Option<Bytes>, io::Error> {
+        let data = match self.framing {
+            Framing::Done => {
+                // Bytes past the end of a body: the connection is not reused.
+                self.reusable = false;
+                None
+            }
+            Framing::Close => Some(Bytes::copy_from_slice(input)),
+            Framing::Length(left) => {
+                let take = input.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                if take < input.len() {
+                    self.reusable = false;
+                }
+                let left = left - take as u64;
+                self.framing = if left == 0 {
+                    Framing::Done
+                } else {
+                    Framing::Length(left)
+                };
+                Some(Bytes::copy_from_slice(&input[..take]))
+            }
+            Framing::Chunked(state) => {
+                let mut out = Vec::new();
+                let (framing, used) = decode_chunked(state, input, &mut out)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                if used < input.len() {
+                    self.reusable = false;
+                }
+                self.framing = framing;
+                (!out.is_empty()).then(|| Bytes::from(out))
+            }
+        };
+        self.finish_if_done();
+        Ok(data.filter(|d| !d.is_empty()))
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        if let Some(error) = this.failed.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
+        match ready!(this.poll_data(cx)) {
+            Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            None => Poll::Ready(None),
+            Some(Err(error)) => {
+                // The error waits one turn: hyper writes what it has buffered of the
+                // response first, so the bytes that arrived before the cut reach the
+                // client before its response is aborted.
+                this.failed = Some(error);
+                this.conn = None;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done && self.leftover.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(left) => SizeHint::with_exact(left),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, Framing), Error> {
+        let mut out = Vec::new();
+        let mut state = Chunk::Size { size: 0, digits: 0 };
+        let mut framing = Framing::Chunked(state);
+        for part in [&input[..split], &input[split..]] {
+            let Framing::Chunked(s) = framing else { break };
+            state = s;
+            let (f, _) = decode_chunked(state, part, &mut out)?;
+            framing = f;
+        }
+        Ok((out, framing))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_at_every_split_point() {
+        let wire =
+            b"5\r\nhello\r\n7;ext=1\r\n, world\r\nA\r\n0123456789\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for split in 0..=wire.len() {
+            let (data, framing) = decode_all(wire, split).unwrap();
+            assert_eq!(data, b"hello, world0123456789", "split at {split}");
+            assert_eq!(framing, Framing::Done, "split at {split}");
+        }
+        let bare_lf = b"3\nabc\n0\n\n";
+        let (data, framing) = decode_all(bare_lf, 4).unwrap();
+        assert_eq!((data.as_slice(), framing), (&b"abc"[..], Framing::Done));
+    }
+
+    #[test]
+    fn broken_chunked_encoding_is_an_error() {
+        for wire in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"3\r\nabcX",
+            b"3\rX",
+            b"1234567890123456\r\n",
+        ] {
+            assert!(
+                decode_all(wire, 0).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+    }
+
+    #[test]
+    fn a_head_is_parsed_and_interim_framing_chosen() {
+        let (head, len) =
+            parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\nx-a: 2\r\n\r\nhello")
+                .unwrap()
+                .unwrap();
+        assert_eq!(len, 54);
+        assert_eq!(head.status(), 200);
+        assert_eq!(head.headers().get_all("x-a").iter().count(), 2);
+        assert_eq!(framing(&head, false).unwrap(), Framing::Length(5));
+        assert_eq!(framing(&head, true).unwrap(), Framing::Done);
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-le")
+            .unwrap()
+            .is_none());
+        assert!(parse_head(b"HTTP/1.1 2x0 OK\r\n\r\n").is_err());
+
+        let (head, _) = parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            framing(&head, false).unwrap(),
+            Framing::Chunked(_)
+        ));
+        let (head, _) = parse_head(b"HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
+        assert_eq!(framing(&head, false).unwrap(), Framing::Close);
+        let (head, _) = parse_head(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(framing(&head, false).unwrap(), Framing::Done);
+        let (head, _) =
+            parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert!(framing(&head, false).is_err());
+        let (head, _) = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(framing(&head, false).is_err());
+    }
+}
