@@ -13,15 +13,17 @@
 //! read), so a request is not sent down a connection known to be gone.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::fmt::Write;
+use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -35,6 +37,8 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// The stack buffer a response body is read through.
 const READ_CHUNK: usize = 16 * 1024;
+/// The head buffer's first size: a request head, then a response head, fit in it.
+const HEAD_BUFFER: usize = 4096;
 /// A request body up to this size is written in one call with its head.
 const INLINE_BODY: usize = 64 * 1024;
 
@@ -109,21 +113,18 @@ impl Client {
             .uri
             .authority()
             .ok_or(Error::Malformed("no host in the upstream URI"))?;
-        let key: Box<str> = if authority.port().is_some() {
-            authority.as_str().into()
-        } else {
-            format!("{}:80", authority.host()).into()
-        };
-        let mut stream = match self.checkout(&key) {
+        let mut stream = match self.checkout(authority.as_str()) {
             Some(stream) => stream,
-            None => self.connect(&key).await?,
+            None => self.connect(authority).await?,
         };
 
         let head_only = parts.method == Method::HEAD;
         let body_len = body.size_hint().exact();
-        let mut head = Vec::with_capacity(512);
+        // One buffer for the request head and then the response head, whose header
+        // values end up as slices of it.
+        let mut head = BytesMut::with_capacity(HEAD_BUFFER);
         head.extend_from_slice(parts.method.as_str().as_bytes());
-        head.push(b' ');
+        head.extend_from_slice(b" ");
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
@@ -163,9 +164,9 @@ impl Client {
             }
         };
         head.extend_from_slice(b"\r\n");
-        write_request(&mut stream, head, body, chunked).await?;
-
-        let (response, leftover) = read_head(&mut stream).await?;
+        let mut buf = write_request(&mut stream, head, body, chunked).await?;
+        buf.clear();
+        let (response, leftover) = read_head(&mut stream, buf).await?;
         let framing = framing(&response, head_only)?;
         let reusable = response.version() == Version::HTTP_11
             && !has_token(response.headers(), CONNECTION, "close");
@@ -176,7 +177,7 @@ impl Client {
             reusable,
             pool: self.pool.clone(),
             settings: self.settings,
-            key,
+            key: authority.clone(),
             failed: None,
         };
         body.finish_if_done();
@@ -203,8 +204,16 @@ impl Client {
         None
     }
 
-    async fn connect(&self, key: &str) -> Result<TcpStream, Error> {
-        let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(key))
+    async fn connect(&self, authority: &Authority) -> Result<TcpStream, Error> {
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority.host();
+        // An IPv6 literal keeps its brackets in the URI, not in a socket address.
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let connect = TcpStream::connect((host, port));
+        let stream = tokio::time::timeout(self.settings.connect_timeout, connect)
             .await
             .map_err(|_| Error::ConnectTimeout)?
             .map_err(Error::Connect)?;
@@ -221,17 +230,17 @@ fn expects_body(method: &Method) -> bool {
     matches!(*method, Method::POST | Method::PUT | Method::PATCH)
 }
 
-fn write_length(head: &mut Vec<u8>, len: u64) {
+fn write_length(head: &mut BytesMut, len: u64) {
     let _ = write!(head, "content-length: {len}\r\n");
 }
 
 /// Writes the head and the body: a small body in the same write as the head.
 async fn write_request<B>(
     stream: &mut TcpStream,
-    mut head: Vec<u8>,
+    mut head: BytesMut,
     mut body: B,
     chunked: bool,
-) -> Result<(), Error>
+) -> Result<BytesMut, Error>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -269,50 +278,63 @@ where
     if !head.is_empty() {
         stream.write_all(&head).await.map_err(Error::Io)?;
     }
-    Ok(())
+    Ok(head)
 }
 
-/// Reads the response head, skipping interim (1xx) responses. Returns the head and the
-/// bytes read past it.
-async fn read_head(stream: &mut TcpStream) -> Result<(Response<()>, Bytes), Error> {
+/// Reads the response head into `buf`, skipping interim (1xx) responses. Returns the
+/// head, whose header values share `buf`, and the bytes read past it.
+async fn read_head(
+    stream: &mut TcpStream,
+    mut buf: BytesMut,
+) -> Result<(Response<()>, Bytes), Error> {
     use tokio::io::AsyncReadExt;
-    let mut buf = BytesMut::with_capacity(4096);
     loop {
         if buf.capacity() == buf.len() {
             if buf.len() >= MAX_HEAD {
                 return Err(Error::Malformed("response head too large"));
             }
-            buf.reserve(buf.len());
+            buf.reserve(buf.len().max(HEAD_BUFFER));
         }
         let n = stream.read_buf(&mut buf).await.map_err(Error::Io)?;
         if n == 0 {
             return Err(Error::Closed);
         }
-        while let Some((response, len)) = parse_head(&buf)? {
-            buf.advance(len);
+        loop {
+            let Some(len) = head_len(&buf)? else { break };
+            let mut read = buf.split().freeze();
+            let head = read.split_to(len);
+            let response = parse_head(&head)?;
             if response.status().is_informational() {
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(Error::Malformed("a protocol switch was not asked for"));
                 }
+                // What follows an interim response is read again from the start.
+                buf = BytesMut::from(read);
                 continue;
             }
-            return Ok((response, buf.split().freeze()));
+            return Ok((response, read));
         }
     }
 }
 
-/// One response head from the start of `buf`, with its length; `None` while incomplete.
-fn parse_head(buf: &[u8]) -> Result<Option<(Response<()>, usize)>, Error> {
+/// The length of the response head at the start of `buf`; `None` while incomplete.
+fn head_len(buf: &[u8]) -> Result<Option<usize>, Error> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::Response::new(&mut headers).parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(Error::Malformed("too many response headers")),
+        Err(_) => Err(Error::Malformed("unparsable response head")),
+    }
+}
+
+/// A complete response head; its header values are slices of `head`, not copies.
+fn parse_head(head: &Bytes) -> Result<Response<()>, Error> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut headers);
-    let len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(Error::Malformed("too many response headers"))
-        }
-        Err(_) => return Err(Error::Malformed("unparsable response head")),
-    };
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+        return Err(Error::Malformed("unparsable response head"));
+    }
     let status = parsed
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
@@ -326,15 +348,15 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Response<()>, usize)>, Error> {
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Error::Malformed("bad header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| Error::Malformed("bad header value"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+            .map_err(|_| Error::Malformed("bad header value"))?;
         map.append(name, value);
     }
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
     *response.headers_mut() = map;
-    Ok(Some((response, len)))
+    Ok(response)
 }
 
 /// Whether a comma-separated header holds `token`, in any case.
@@ -521,7 +543,8 @@ pub struct H1Body {
     reusable: bool,
     pool: Arc<Pool>,
     settings: Settings,
-    key: Box<str>,
+    /// The pool's key: the upstream's `host[:port]` as configured.
+    key: Authority,
     /// An error held back one poll (see `poll_frame`).
     failed: Option<io::Error>,
 }
@@ -540,7 +563,7 @@ impl H1Body {
             return;
         }
         let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-        match idle.get_mut(&*self.key) {
+        match idle.get_mut(self.key.as_str()) {
             Some(conns) if conns.len() >= self.settings.max_idle_per_host => {}
             Some(conns) => conns.push(Idle {
                 stream,
@@ -548,7 +571,7 @@ impl H1Body {
             }),
             None => {
                 let since = Instant::now();
-                idle.insert(self.key.clone(), vec![Idle { stream, since }]);
+                idle.insert(self.key.as_str().into(), vec![Idle { stream, since }]);
             }
         }
     }
@@ -715,43 +738,38 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_head_is_parsed_and_interim_framing_chosen() {
-        let (head, len) =
-            parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\nx-a: 2\r\n\r\nhello")
-                .unwrap()
-                .unwrap();
-        assert_eq!(len, 54);
-        assert_eq!(head.status(), 200);
-        assert_eq!(head.headers().get_all("x-a").iter().count(), 2);
-        assert_eq!(framing(&head, false).unwrap(), Framing::Length(5));
-        assert_eq!(framing(&head, true).unwrap(), Framing::Done);
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-le")
-            .unwrap()
-            .is_none());
-        assert!(parse_head(b"HTTP/1.1 2x0 OK\r\n\r\n").is_err());
+    /// The head at the start of `wire`, which must be complete.
+    fn head(wire: &'static [u8]) -> Response<()> {
+        let len = head_len(wire).unwrap().unwrap();
+        parse_head(&Bytes::from_static(&wire[..len])).unwrap()
+    }
 
-        let (head, _) = parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n")
-            .unwrap()
-            .unwrap();
+    #[test]
+    fn a_head_is_parsed_and_its_framing_chosen() {
+        let wire = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\nx-a: 2\r\n\r\nhello";
+        assert_eq!(head_len(wire).unwrap(), Some(54));
+        let ok = head(wire);
+        assert_eq!(ok.status(), 200);
+        assert_eq!(ok.headers().get_all("x-a").iter().count(), 2);
+        assert_eq!(framing(&ok, false).unwrap(), Framing::Length(5));
+        assert_eq!(framing(&ok, true).unwrap(), Framing::Done);
+        assert_eq!(head_len(b"HTTP/1.1 200 OK\r\ncontent-le").unwrap(), None);
+        assert!(head_len(b"HTTP/1.1 2x0 OK\r\n\r\n").is_err());
+
+        let chunked = head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n");
         assert!(matches!(
-            framing(&head, false).unwrap(),
+            framing(&chunked, false).unwrap(),
             Framing::Chunked(_)
         ));
-        let (head, _) = parse_head(b"HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
-        assert_eq!(framing(&head, false).unwrap(), Framing::Close);
-        let (head, _) = parse_head(b"HTTP/1.1 204 No Content\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!(framing(&head, false).unwrap(), Framing::Done);
-        let (head, _) =
-            parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n")
-                .unwrap()
-                .unwrap();
-        assert!(framing(&head, false).is_err());
-        let (head, _) = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert!(framing(&head, false).is_err());
+        let gzip_only = head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n");
+        assert_eq!(framing(&gzip_only, false).unwrap(), Framing::Close);
+        let unframed = head(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(framing(&unframed, false).unwrap(), Framing::Close);
+        let empty = head(b"HTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(framing(&empty, false).unwrap(), Framing::Done);
+        let twice = head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n");
+        assert!(framing(&twice, false).is_err());
+        let negative = head(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n");
+        assert!(framing(&negative, false).is_err());
     }
 }
