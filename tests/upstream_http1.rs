@@ -151,7 +151,7 @@ async fn get_models(proxy: &Proxy) -> (http::StatusCode, http::HeaderMap, bytes:
 
 #[tokio::test]
 async fn every_framing_of_a_response_body_arrives_whole() {
-    let cases: [(&'static [u8], u16, &[u8]); 6] = [
+    let cases: [(&'static [u8], u16, &[u8]); 7] = [
         (
             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
             200,
@@ -161,6 +161,12 @@ async fn every_framing_of_a_response_body_arrives_whole() {
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n",
             200,
             b"hello, world",
+        ),
+        (
+            // Both: the transfer coding frames the body, and the length is dropped.
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            200,
+            b"ok",
         ),
         (
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",

@@ -166,8 +166,13 @@ impl Client {
         head.extend_from_slice(b"\r\n");
         let mut buf = write_request(&mut stream, head, body, chunked).await?;
         buf.clear();
-        let (response, leftover) = read_head(&mut stream, buf).await?;
+        let (mut response, leftover) = read_head(&mut stream, buf).await?;
         let framing = framing(&response, head_only)?;
+        if response.headers().contains_key(TRANSFER_ENCODING) {
+            // The transfer coding frames the body; a length sent beside it is wrong or
+            // a smuggling attempt, and must not be forwarded (RFC 9112, section 6.3).
+            response.headers_mut().remove(CONTENT_LENGTH);
+        }
         let reusable = response.version() == Version::HTTP_11
             && !has_token(response.headers(), CONNECTION, "close");
         let mut body = H1Body {
