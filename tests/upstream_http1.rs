@@ -19,12 +19,23 @@ struct Reply {
     bytes: &'static [u8],
     /// Close the connection this long after answering.
     close_after: Option<Duration>,
+    /// Answer as soon as the head is read, without reading the body.
+    early: bool,
 }
 
 fn reply(bytes: &'static [u8]) -> Reply {
     Reply {
         bytes,
         close_after: None,
+        early: false,
+    }
+}
+
+fn closing(bytes: &'static [u8]) -> Reply {
+    Reply {
+        bytes,
+        close_after: Some(Duration::ZERO),
+        early: false,
     }
 }
 
@@ -69,7 +80,13 @@ async fn serve(
 ) {
     let mut buf = Vec::new();
     loop {
-        let Some(request) = read_request(&mut stream, &mut buf).await else {
+        let early = replies.lock().unwrap().front().is_some_and(|r| r.early);
+        let request = if early {
+            read_head_only(&mut stream, &mut buf).await
+        } else {
+            read_request(&mut stream, &mut buf).await
+        };
+        let Some(request) = request else {
             return;
         };
         seen.lock().unwrap().push((conn, request));
@@ -114,6 +131,19 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// A request's head alone.
+async fn read_head_only(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut chunk = [0u8; 4096];
+    while find(buf, b"\r\n\r\n").is_none() {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(std::mem::take(buf))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -192,6 +222,7 @@ async fn every_framing_of_a_response_body_arrives_whole() {
                 bytes,
                 // A body that ends with its connection must see that end.
                 close_after: bytes.starts_with(b"HTTP/1.0").then_some(Duration::ZERO),
+                early: false,
             })
             .collect(),
     )
@@ -227,6 +258,7 @@ async fn a_kept_alive_connection_serves_the_next_request_and_a_closed_one_does_n
             // The upstream then closes the idle connection, as servers with a short
             // keep-alive do.
             close_after: Some(Duration::from_millis(10)),
+            early: false,
         },
         reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nc"),
     ])
@@ -252,11 +284,8 @@ async fn a_broken_response_head_is_a_502_in_the_providers_shape() {
         b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
     ] {
-        let upstream = Scripted::start(vec![Reply {
-            bytes: Box::leak(wire.to_vec().into_boxed_slice()),
-            close_after: Some(Duration::ZERO),
-        }])
-        .await;
+        let upstream =
+            Scripted::start(vec![closing(Box::leak(wire.to_vec().into_boxed_slice()))]).await;
         let proxy = Proxy::start(&config_for(&upstream));
         let (status, _, body) = get_models(&proxy).await;
         let case = String::from_utf8_lossy(wire);
@@ -269,34 +298,70 @@ async fn a_broken_response_head_is_a_502_in_the_providers_shape() {
 
 #[tokio::test]
 async fn a_body_cut_short_by_the_upstream_is_not_a_clean_end() {
+    for (wire, before_the_cut) in [
+        (
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ncontent-type: text/plain\r\n\r\nonly part"
+                [..],
+            &b"only part"[..],
+        ),
+        // Broken chunked coding in the same read as good data: the good data first.
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n",
+            b"hello",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            b"hello",
+        ),
+    ] {
+        let upstream = Scripted::start(vec![closing(wire)]).await;
+        let proxy = Proxy::start(&config_for(&upstream));
+        let response = client()
+            .request(request(
+                "GET",
+                &proxy.url("/openai/v1/models"),
+                &[("authorization", &bearer(KEY_A))],
+                bytes::Bytes::new(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let mut received = Vec::new();
+        let end = loop {
+            match http_body_util::BodyExt::frame(&mut body).await {
+                Some(Ok(frame)) => received.extend_from_slice(frame.data_ref().unwrap()),
+                Some(Err(e)) => break Err(e),
+                None => break Ok(()),
+            }
+        };
+        let case = String::from_utf8_lossy(wire);
+        assert!(end.is_err(), "{case}: a cut body ended cleanly");
+        assert_eq!(received, before_the_cut, "{case}: the bytes before the cut");
+    }
+}
+
+#[tokio::test]
+async fn an_answer_before_the_upload_ends_reaches_the_client() {
     let upstream = Scripted::start(vec![Reply {
-        bytes:
-            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ncontent-type: text/plain\r\n\r\nonly part",
+        bytes: b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!",
         close_after: Some(Duration::ZERO),
+        early: true,
     }])
     .await;
     let proxy = Proxy::start(&config_for(&upstream));
-    let response = client()
-        .request(request(
-            "GET",
-            &proxy.url("/openai/v1/models"),
-            &[("authorization", &bearer(KEY_A))],
-            bytes::Bytes::new(),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let mut received = Vec::new();
-    let end = loop {
-        match http_body_util::BodyExt::frame(&mut body).await {
-            Some(Ok(frame)) => received.extend_from_slice(frame.data_ref().unwrap()),
-            Some(Err(e)) => break Err(e),
-            None => break Ok(()),
-        }
-    };
-    assert!(end.is_err(), "a cut body ended cleanly");
-    assert_eq!(received, b"only part", "the bytes before the cut arrived");
+    let upload = vec![b'x'; 8 << 20];
+    let (status, _, body) = send(request(
+        "POST",
+        &proxy.url("/openai/v1/files"),
+        &[
+            ("authorization", &bearer(KEY_A)),
+            ("content-type", "application/octet-stream"),
+        ],
+        upload,
+    ))
+    .await;
+    assert_eq!((status.as_u16(), &body[..]), (413, &b"too big!"[..]));
 }
 
 #[tokio::test]

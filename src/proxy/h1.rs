@@ -129,8 +129,13 @@ impl Client {
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
         if !parts.headers.contains_key(HOST) {
+            // Host and port only: credentials in a URL never go on the wire.
             head.extend_from_slice(b"host: ");
-            head.extend_from_slice(authority.as_str().as_bytes());
+            head.extend_from_slice(authority.host().as_bytes());
+            if let Some(port) = authority.port() {
+                head.extend_from_slice(b":");
+                head.extend_from_slice(port.as_str().as_bytes());
+            }
             head.extend_from_slice(b"\r\n");
         }
         for (name, value) in &parts.headers {
@@ -142,31 +147,44 @@ impl Client {
             head.extend_from_slice(value.as_bytes());
             head.extend_from_slice(b"\r\n");
         }
-        // The body's own length frames it; a client's declared length stays what it was
-        // (an upload's body is cut at its bound, never past what it declared).
-        let declared = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let chunked = match (body_len, declared) {
-            (Some(0), None) if !expects_body(&parts.method) => false,
-            (Some(len), _) => {
+        // The body's own length frames it; one of unknown length goes chunked, so what
+        // is on the wire is always exactly what the body gave.
+        let chunked = match body_len {
+            Some(0)
+                if !expects_body(&parts.method) && !parts.headers.contains_key(CONTENT_LENGTH) =>
+            {
+                false
+            }
+            Some(len) => {
                 write_length(&mut head, len);
                 false
             }
-            (None, Some(len)) => {
-                write_length(&mut head, len);
-                false
-            }
-            (None, None) => {
+            None => {
                 head.extend_from_slice(b"transfer-encoding: chunked\r\n");
                 true
             }
         };
         head.extend_from_slice(b"\r\n");
-        let mut buf = write_request(&mut stream, head, body, chunked).await?;
-        buf.clear();
-        let (mut response, leftover) = read_head(&mut stream, buf).await?;
+        let (mut response, leftover) = match write_request(&mut stream, head, body, chunked).await {
+            Ok(mut buf) => {
+                buf.clear();
+                read_head(&mut stream, buf).await?
+            }
+            // An upstream may answer before it has read the whole body (a 413, a 401)
+            // and close: its answer, if it arrived, is the one to give.
+            Err(Error::Io(e)) => match read_head(&mut stream, BytesMut::new()).await {
+                Ok(answer) => {
+                    let mut answer = answer;
+                    answer
+                        .0
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                    answer
+                }
+                Err(_) => return Err(Error::Io(e)),
+            },
+            Err(e) => return Err(e),
+        };
         let framing = framing(&response, head_only)?;
         if response.headers().contains_key(TRANSFER_ENCODING) {
             // The transfer coding frames the body; a length sent beside it is wrong or
@@ -184,6 +202,7 @@ impl Client {
             settings: self.settings,
             key: authority.clone(),
             failed: None,
+            turned: false,
         };
         body.finish_if_done();
         Ok(response.map(|()| body))
@@ -198,9 +217,11 @@ impl Client {
                 continue;
             }
             // An open, quiet connection has nothing to read; one the peer closed reads
-            // an end of file, and any bytes at all would be a response to nothing.
-            let mut probe = [0u8; 1];
-            if let Err(e) = stream.try_read(&mut probe) {
+            // an end of file, and any bytes at all would be a response to nothing. The
+            // kernel is asked, not tokio's readiness, which may not have seen a close
+            // that already arrived.
+            let mut probe = [MaybeUninit::<u8>::uninit(); 1];
+            if let Err(e) = socket2::SockRef::from(&stream).peek(&mut probe) {
                 if e.kind() == io::ErrorKind::WouldBlock {
                     return Some(stream);
                 }
@@ -295,14 +316,14 @@ async fn read_head(
     use tokio::io::AsyncReadExt;
     loop {
         if buf.capacity() == buf.len() {
-            if buf.len() >= MAX_HEAD {
-                return Err(Error::Malformed("response head too large"));
-            }
             buf.reserve(buf.len().max(HEAD_BUFFER));
         }
         let n = stream.read_buf(&mut buf).await.map_err(Error::Io)?;
         if n == 0 {
             return Err(Error::Closed);
+        }
+        if buf.len() > MAX_HEAD && head_len(&buf[..MAX_HEAD])?.is_none() {
+            return Err(Error::Malformed("response head too large"));
         }
         loop {
             let Some(len) = head_len(&buf)? else { break };
@@ -385,6 +406,8 @@ enum Framing {
     Close,
     /// Nothing more: the body is complete.
     Done,
+    /// The body failed; every later poll says so again.
+    Failed,
 }
 
 fn framing(response: &Response<()>, head_only: bool) -> Result<Framing, Error> {
@@ -442,6 +465,10 @@ enum Chunk {
         size: u64,
         digits: u8,
     },
+    /// Whitespace after the size, before an extension or the line's end.
+    SizeWs {
+        size: u64,
+    },
     /// Skipping a chunk extension up to the line's end.
     Extension {
         size: u64,
@@ -475,18 +502,26 @@ fn decode_chunked(
         state = match state {
             Chunk::Size { size, digits } => match b {
                 b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                    if digits >= 15 {
+                    if size > u64::MAX >> 4 {
                         return Err(bad());
                     }
                     let d = (b as char).to_digit(16).ok_or_else(bad)?;
                     Chunk::Size {
                         size: size * 16 + u64::from(d),
-                        digits: digits + 1,
+                        digits: digits.saturating_add(1),
                     }
                 }
-                b';' | b' ' | b'\t' if digits > 0 => Chunk::Extension { size },
+                b' ' | b'\t' if digits > 0 => Chunk::SizeWs { size },
+                b';' if digits > 0 => Chunk::Extension { size },
                 b'\r' if digits > 0 => Chunk::SizeLf { size },
                 b'\n' if digits > 0 => end_of_size(size),
+                _ => return Err(bad()),
+            },
+            Chunk::SizeWs { size } => match b {
+                b' ' | b'\t' => Chunk::SizeWs { size },
+                b';' => Chunk::Extension { size },
+                b'\r' => Chunk::SizeLf { size },
+                b'\n' => end_of_size(size),
                 _ => return Err(bad()),
             },
             Chunk::Extension { size } => match b {
@@ -552,6 +587,8 @@ pub struct H1Body {
     key: Authority,
     /// An error held back one poll (see `poll_frame`).
     failed: Option<io::Error>,
+    /// Whether that poll has passed.
+    turned: bool,
 }
 
 impl H1Body {
@@ -568,6 +605,15 @@ impl H1Body {
             return;
         }
         let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let idle_timeout = self.settings.idle_timeout;
+        if let Some(conns) = idle.get_mut(self.key.as_str()) {
+            // Oldest first: those past the idle limit close now, not at some checkout.
+            let expired = conns
+                .iter()
+                .position(|c| c.since.elapsed() < idle_timeout)
+                .unwrap_or(conns.len());
+            conns.drain(..expired);
+        }
         match idle.get_mut(self.key.as_str()) {
             Some(conns) if conns.len() >= self.settings.max_idle_per_host => {}
             Some(conns) => conns.push(Idle {
@@ -581,8 +627,20 @@ impl H1Body {
         }
     }
 
+    /// Closes the connection and holds `error` for the next poll.
+    fn fail(&mut self, error: io::Error) {
+        self.failed = Some(error);
+        self.framing = Framing::Failed;
+        self.conn = None;
+    }
+
     /// The next data of the body, read from the connection.
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, io::Error>>> {
+        if self.framing == Framing::Failed {
+            return Poll::Ready(Some(Err(io::Error::other(
+                "the response body already failed",
+            ))));
+        }
         if !self.leftover.is_empty() {
             let leftover = std::mem::take(&mut self.leftover);
             if let Some(data) = self.take(&leftover)? {
@@ -641,14 +699,25 @@ impl H1Body {
             }
             Framing::Chunked(state) => {
                 let mut out = Vec::new();
-                let (framing, used) = decode_chunked(state, input, &mut out)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                if used < input.len() {
-                    self.reusable = false;
+                match decode_chunked(state, input, &mut out) {
+                    Ok((framing, used)) => {
+                        if used < input.len() {
+                            self.reusable = false;
+                        }
+                        self.framing = framing;
+                    }
+                    Err(e) => {
+                        let error = io::Error::new(io::ErrorKind::InvalidData, e);
+                        if out.is_empty() {
+                            return Err(error);
+                        }
+                        // The data before the break goes out first.
+                        self.fail(error);
+                    }
                 }
-                self.framing = framing;
                 (!out.is_empty()).then(|| Bytes::from(out))
             }
+            Framing::Failed => None,
         };
         self.finish_if_done();
         Ok(data.filter(|d| !d.is_empty()))
@@ -664,18 +733,25 @@ impl Body for H1Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
-        if let Some(error) = this.failed.take() {
-            return Poll::Ready(Some(Err(error)));
+        if this.failed.is_some() {
+            // An error waits one turn: hyper writes out what it has buffered of the
+            // response first, so over HTTP/1.1 the bytes that arrived before the cut
+            // reach the client before its response is aborted.
+            if !this.turned {
+                this.turned = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if let Some(error) = this.failed.take() {
+                return Poll::Ready(Some(Err(error)));
+            }
         }
         match ready!(this.poll_data(cx)) {
             Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
             None => Poll::Ready(None),
             Some(Err(error)) => {
-                // The error waits one turn: hyper writes what it has buffered of the
-                // response first, so the bytes that arrived before the cut reach the
-                // client before its response is aborted.
-                this.failed = Some(error);
-                this.conn = None;
+                this.fail(error);
+                this.turned = true;
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
@@ -727,13 +803,27 @@ mod tests {
     }
 
     #[test]
+    fn chunk_sizes_take_leading_zeros_but_nothing_after_whitespace() {
+        let padded = b"0000000000000000005\r\nhello\r\n0 ;last\r\n\r\n";
+        let (data, framing) = decode_all(padded, 3).unwrap();
+        assert_eq!((data.as_slice(), framing), (&b"hello"[..], Framing::Done));
+        for wire in [&b"5 6\r\nhello\r\n"[..], b"10000000000000000\r\n"] {
+            assert!(
+                decode_all(wire, 0).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+    }
+
+    #[test]
     fn broken_chunked_encoding_is_an_error() {
         for wire in [
             &b"zz\r\n"[..],
             b"\r\n",
             b"3\r\nabcX",
             b"3\rX",
-            b"1234567890123456\r\n",
+            b"12345678901234567\r\n",
         ] {
             assert!(
                 decode_all(wire, 0).is_err(),
