@@ -93,7 +93,13 @@ async fn serve(
         let Some(reply) = replies.lock().unwrap().pop_front() else {
             return;
         };
-        if stream.write_all(reply.bytes).await.is_err() {
+        // In two writes, a moment apart: the proxy must piece a head together.
+        let (first, rest) = reply.bytes.split_at(reply.bytes.len().min(12));
+        if stream.write_all(first).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if stream.write_all(rest).await.is_err() {
             return;
         }
         if let Some(after) = reply.close_after {
@@ -283,12 +289,15 @@ async fn a_broken_response_head_is_a_502_in_the_providers_shape() {
         b"not http at all\r\n\r\n",
         b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+        // A head past 64 KiB.
+        format!("HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n", "a".repeat(70_000))
+            .leak()
+            .as_bytes(),
     ] {
-        let upstream =
-            Scripted::start(vec![closing(Box::leak(wire.to_vec().into_boxed_slice()))]).await;
+        let upstream = Scripted::start(vec![closing(wire)]).await;
         let proxy = Proxy::start(&config_for(&upstream));
         let (status, _, body) = get_models(&proxy).await;
-        let case = String::from_utf8_lossy(wire);
+        let case = String::from_utf8_lossy(&wire[..wire.len().min(60)]);
         assert_eq!(status, 502, "{case}");
         let error = json(&body);
         assert!(error["error"]["message"].is_string(), "{case}: {error}");

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -322,20 +322,26 @@ async fn read_head(
         if n == 0 {
             return Err(Error::Closed);
         }
-        if buf.len() > MAX_HEAD && head_len(&buf[..MAX_HEAD])?.is_none() {
-            return Err(Error::Malformed("response head too large"));
-        }
+        // Frozen before it is parsed, so that header values can be slices of it.
+        let mut read = buf.split().freeze();
         loop {
-            let Some(len) = head_len(&buf)? else { break };
-            let mut read = buf.split().freeze();
-            let head = read.split_to(len);
-            let response = parse_head(&head)?;
+            let Some((response, len)) = parse_head(&read)? else {
+                if read.len() > MAX_HEAD {
+                    return Err(Error::Malformed("response head too large"));
+                }
+                // Incomplete: read more after what is here.
+                buf = BytesMut::from(read);
+                break;
+            };
+            if len > MAX_HEAD {
+                return Err(Error::Malformed("response head too large"));
+            }
+            read.advance(len);
             if response.status().is_informational() {
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(Error::Malformed("a protocol switch was not asked for"));
                 }
-                // What follows an interim response is read again from the start.
-                buf = BytesMut::from(read);
+                // An interim response: the final one follows.
                 continue;
             }
             return Ok((response, read));
@@ -343,24 +349,19 @@ async fn read_head(
     }
 }
 
-/// The length of the response head at the start of `buf`; `None` while incomplete.
-fn head_len(buf: &[u8]) -> Result<Option<usize>, Error> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::Response::new(&mut headers).parse(buf) {
-        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(Error::Malformed("too many response headers")),
-        Err(_) => Err(Error::Malformed("unparsable response head")),
-    }
-}
-
-/// A complete response head; its header values are slices of `head`, not copies.
-fn parse_head(head: &Bytes) -> Result<Response<()>, Error> {
+/// The response head at the start of `buf`, with its length; `None` while incomplete.
+/// Its header values are slices of `buf`, not copies.
+fn parse_head(buf: &Bytes) -> Result<Option<(Response<()>, usize)>, Error> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut headers);
-    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
-        return Err(Error::Malformed("unparsable response head"));
-    }
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::Malformed("too many response headers"))
+        }
+        Err(_) => return Err(Error::Malformed("unparsable response head")),
+    };
     let status = parsed
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
@@ -374,7 +375,7 @@ fn parse_head(head: &Bytes) -> Result<Response<()>, Error> {
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Error::Malformed("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+        let value = HeaderValue::from_maybe_shared(buf.slice_ref(h.value))
             .map_err(|_| Error::Malformed("bad header value"))?;
         map.append(name, value);
     }
@@ -382,7 +383,7 @@ fn parse_head(head: &Bytes) -> Result<Response<()>, Error> {
     *response.status_mut() = status;
     *response.version_mut() = version;
     *response.headers_mut() = map;
-    Ok(response)
+    Ok(Some((response, len)))
 }
 
 /// Whether a comma-separated header holds `token`, in any case.
@@ -835,8 +836,11 @@ mod tests {
 
     /// The head at the start of `wire`, which must be complete.
     fn head(wire: &'static [u8]) -> Response<()> {
-        let len = head_len(wire).unwrap().unwrap();
-        parse_head(&Bytes::from_static(&wire[..len])).unwrap()
+        parse_head(&Bytes::from_static(wire)).unwrap().unwrap().0
+    }
+
+    fn head_len(wire: &'static [u8]) -> Result<Option<usize>, Error> {
+        Ok(parse_head(&Bytes::from_static(wire))?.map(|(_, len)| len))
     }
 
     #[test]
