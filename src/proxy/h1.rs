@@ -37,6 +37,8 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// The stack buffer a response body is read through.
 const READ_CHUNK: usize = 16 * 1024;
+/// Below this idle time a pooled connection is checked without a system call.
+const FRESH: Duration = Duration::from_millis(500);
 /// The head buffer's first size: a request head, then a response head, fit in it.
 const HEAD_BUFFER: usize = 4096;
 /// A request body up to this size is written in one call with its head.
@@ -217,14 +219,9 @@ impl Client {
                 continue;
             }
             // An open, quiet connection has nothing to read; one the peer closed reads
-            // an end of file, and any bytes at all would be a response to nothing. The
-            // kernel is asked, not tokio's readiness, which may not have seen a close
-            // that already arrived.
-            let mut probe = [MaybeUninit::<u8>::uninit(); 1];
-            if let Err(e) = socket2::SockRef::from(&stream).peek(&mut probe) {
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    return Some(stream);
-                }
+            // an end of file, and any bytes at all would be a response to nothing.
+            if is_quiet(&stream, since.elapsed()) {
+                return Some(stream);
             }
         }
         None
@@ -249,6 +246,19 @@ impl Client {
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         Ok(stream)
     }
+}
+
+/// Whether an idle connection is still open with nothing to read. One idle for a while
+/// is asked of the kernel, as servers close connections when their keep-alive runs out
+/// and tokio's readiness may not yet have seen a close that arrived; one used moments
+/// ago is asked of tokio's readiness, which costs no system call.
+fn is_quiet(stream: &TcpStream, idle: Duration) -> bool {
+    let probe = if idle < FRESH {
+        stream.try_read(&mut [0u8; 1])
+    } else {
+        socket2::SockRef::from(stream).peek(&mut [MaybeUninit::<u8>::uninit(); 1])
+    };
+    matches!(probe, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// Methods whose empty body is still sent with a length.
