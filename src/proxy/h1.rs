@@ -121,52 +121,7 @@ impl Client {
         };
 
         let head_only = parts.method == Method::HEAD;
-        let body_len = body.size_hint().exact();
-        // One buffer for the request head and then the response head, whose header
-        // values end up as slices of it.
-        let mut head = BytesMut::with_capacity(HEAD_BUFFER);
-        head.extend_from_slice(parts.method.as_str().as_bytes());
-        head.extend_from_slice(b" ");
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        head.extend_from_slice(target.as_bytes());
-        head.extend_from_slice(b" HTTP/1.1\r\n");
-        if !parts.headers.contains_key(HOST) {
-            // Host and port only: credentials in a URL never go on the wire.
-            head.extend_from_slice(b"host: ");
-            head.extend_from_slice(authority.host().as_bytes());
-            if let Some(port) = authority.port() {
-                head.extend_from_slice(b":");
-                head.extend_from_slice(port.as_str().as_bytes());
-            }
-            head.extend_from_slice(b"\r\n");
-        }
-        for (name, value) in &parts.headers {
-            if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
-                continue;
-            }
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
-        // The body's own length frames it; one of unknown length goes chunked, so what
-        // is on the wire is always exactly what the body gave.
-        let chunked = match body_len {
-            Some(0)
-                if !expects_body(&parts.method) && !parts.headers.contains_key(CONTENT_LENGTH) =>
-            {
-                false
-            }
-            Some(len) => {
-                write_length(&mut head, len);
-                false
-            }
-            None => {
-                head.extend_from_slice(b"transfer-encoding: chunked\r\n");
-                true
-            }
-        };
-        head.extend_from_slice(b"\r\n");
+        let (head, chunked) = request_head(&parts, authority, body.size_hint().exact());
         let (mut response, leftover) = match write_request(&mut stream, head, body, chunked).await {
             Ok(mut buf) => {
                 buf.clear();
@@ -175,13 +130,10 @@ impl Client {
             // An upstream may answer before it has read the whole body (a 413, a 401)
             // and close: its answer, if it arrived, is the one to give.
             Err(Error::Io(e)) => match read_head(&mut stream, BytesMut::new()).await {
-                Ok(answer) => {
-                    let mut answer = answer;
-                    answer
-                        .0
-                        .headers_mut()
-                        .insert(CONNECTION, HeaderValue::from_static("close"));
-                    answer
+                Ok((mut response, rest)) => {
+                    let close = HeaderValue::from_static("close");
+                    response.headers_mut().insert(CONNECTION, close);
+                    (response, rest)
                 }
                 Err(_) => return Err(Error::Io(e)),
             },
@@ -259,6 +211,58 @@ fn is_quiet(stream: &TcpStream, idle: Duration) -> bool {
         socket2::SockRef::from(stream).peek(&mut [MaybeUninit::<u8>::uninit(); 1])
     };
     matches!(probe, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// The request line and headers (the client's, less its framing, with `host` if it
+/// sent none), and whether the body goes chunked: a body of unknown length does, so what
+/// is on the wire is always exactly what the body gave.
+fn request_head(
+    parts: &http::request::Parts,
+    authority: &Authority,
+    body_len: Option<u64>,
+) -> (BytesMut, bool) {
+    // One buffer for the request head and then the response head, whose header
+    // values end up as slices of it.
+    let mut head = BytesMut::with_capacity(HEAD_BUFFER);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.extend_from_slice(b" ");
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    if !parts.headers.contains_key(HOST) {
+        // Host and port only: credentials in a URL never go on the wire.
+        head.extend_from_slice(b"host: ");
+        head.extend_from_slice(authority.host().as_bytes());
+        if let Some(port) = authority.port() {
+            head.extend_from_slice(b":");
+            head.extend_from_slice(port.as_str().as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in &parts.headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    let chunked = match body_len {
+        Some(0) if !expects_body(&parts.method) && !parts.headers.contains_key(CONTENT_LENGTH) => {
+            false
+        }
+        Some(len) => {
+            write_length(&mut head, len);
+            false
+        }
+        None => {
+            head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            true
+        }
+    };
+    head.extend_from_slice(b"\r\n");
+    (head, chunked)
 }
 
 /// Methods whose empty body is still sent with a length.
