@@ -39,8 +39,8 @@ const MAX_HEADERS: usize = 100;
 const READ_CHUNK: usize = 16 * 1024;
 /// Below this idle time a pooled connection is checked without a system call.
 const FRESH: Duration = Duration::from_millis(500);
-/// The head buffer's first size: a request head, then a response head, fit in it.
-const HEAD_BUFFER: usize = 4096;
+/// The head buffer's least size: a response head fits in it.
+const HEAD_BUFFER: usize = 1024;
 /// A request body up to this size is written in one call with its head.
 const INLINE_BODY: usize = 64 * 1024;
 
@@ -122,6 +122,11 @@ impl Client {
 
         let head_only = parts.method == Method::HEAD;
         let (head, chunked) = request_head(&parts, authority, body.size_hint().exact());
+        // The client's header values are slices of the buffer hyper read them into;
+        // let go of them now, or while this request waits, hyper allocates that
+        // connection a second read buffer.
+        let key = authority.clone();
+        drop(parts);
         let (mut response, leftover) = match write_request(&mut stream, head, body, chunked).await {
             Ok(mut buf) => {
                 buf.clear();
@@ -154,7 +159,7 @@ impl Client {
             reusable,
             pool: self.pool.clone(),
             settings: self.settings,
-            key: authority.clone(),
+            key,
             failed: None,
             turned: false,
         };
@@ -221,9 +226,18 @@ fn request_head(
     authority: &Authority,
     body_len: Option<u64>,
 ) -> (BytesMut, bool) {
-    // One buffer for the request head and then the response head, whose header
-    // values end up as slices of it.
-    let mut head = BytesMut::with_capacity(HEAD_BUFFER);
+    // One buffer for the request head (and a small body) and then the response head,
+    // whose header values end up as slices of it: sized for what goes out.
+    let headers: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    let body = body_len
+        .filter(|&len| len <= INLINE_BODY as u64)
+        .unwrap_or(0);
+    let size = 128 + parts.uri.path_and_query().map_or(1, |p| p.as_str().len()) + headers;
+    let mut head = BytesMut::with_capacity((size + body as usize).max(HEAD_BUFFER));
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.extend_from_slice(b" ");
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -503,13 +517,9 @@ enum Chunk {
     },
 }
 
-/// Decodes as much of `input` as it can, appending the data to `out`. Returns the
-/// framing after it and how many bytes of `input` it used (all of them unless it ended).
-fn decode_chunked(
-    mut state: Chunk,
-    input: &[u8],
-    out: &mut Vec<u8>,
-) -> Result<(Framing, usize), Error> {
+/// Decodes `input` up to the end of the first chunk data in it, or to its end. Returns
+/// the framing after that, how many bytes of `input` it used, and where that data lies.
+fn decode_chunked(mut state: Chunk, input: &[u8]) -> Result<Decoded, Error> {
     let bad = || Error::Malformed("bad chunked encoding");
     let mut i = 0;
     while i < input.len() {
@@ -548,20 +558,19 @@ fn decode_chunked(
             Chunk::SizeLf { .. } => return Err(bad()),
             Chunk::Data(left) => {
                 let take = (input.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
-                out.extend_from_slice(&input[i..i + take]);
-                i += take;
                 let left = left - take as u64;
-                if left > 0 {
-                    return Ok((Framing::Chunked(Chunk::Data(left)), i));
-                }
-                state = Chunk::DataCr;
-                continue;
+                let state = if left > 0 {
+                    Chunk::Data(left)
+                } else {
+                    Chunk::DataCr
+                };
+                return Ok((Framing::Chunked(state), i + take, Some(i..i + take)));
             }
             Chunk::DataCr if b == b'\r' => Chunk::DataLf,
             Chunk::DataCr | Chunk::DataLf if b == b'\n' => Chunk::Size { size: 0, digits: 0 },
             Chunk::DataCr | Chunk::DataLf => return Err(bad()),
             Chunk::Trailer { at_line_start } => match b {
-                b'\n' if at_line_start => return Ok((Framing::Done, i + 1)),
+                b'\n' if at_line_start => return Ok((Framing::Done, i + 1, None)),
                 b'\n' => Chunk::Trailer {
                     at_line_start: true,
                 },
@@ -573,8 +582,12 @@ fn decode_chunked(
         };
         i += 1;
     }
-    Ok((Framing::Chunked(state), i))
+    Ok((Framing::Chunked(state), i, None))
 }
+
+/// What [`decode_chunked`] found: the framing after it, the bytes it used, and where
+/// the chunk data it reached lies in its input.
+type Decoded = (Framing, usize, Option<std::ops::Range<usize>>);
 
 /// After a size line: the data, or for the last chunk the trailer section.
 fn end_of_size(size: u64) -> Chunk {
@@ -649,20 +662,16 @@ impl H1Body {
         self.conn = None;
     }
 
-    /// The next data of the body, read from the connection.
+    /// The next data of the body, read from the connection as needed.
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, io::Error>>> {
-        if self.framing == Framing::Failed {
-            return Poll::Ready(Some(Err(io::Error::other(
-                "the response body already failed",
-            ))));
-        }
-        if !self.leftover.is_empty() {
-            let leftover = std::mem::take(&mut self.leftover);
-            if let Some(data) = self.take(&leftover)? {
+        loop {
+            if self.framing == Framing::Failed {
+                let error = io::Error::other("the response body already failed");
+                return Poll::Ready(Some(Err(error)));
+            }
+            if let Some(data) = self.next_data()? {
                 return Poll::Ready(Some(Ok(data)));
             }
-        }
-        loop {
             if self.framing == Framing::Done {
                 return Poll::Ready(None);
             }
@@ -672,8 +681,7 @@ impl H1Body {
             let mut space = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
             let mut buf = ReadBuf::uninit(&mut space);
             ready!(Pin::new(stream).poll_read(cx, &mut buf))?;
-            let read = buf.filled();
-            if read.is_empty() {
+            if buf.filled().is_empty() {
                 self.conn = None;
                 if self.framing == Framing::Close {
                     self.framing = Framing::Done;
@@ -684,58 +692,53 @@ impl H1Body {
                     "the upstream closed the connection before the body's end",
                 ))));
             }
-            if let Some(data) = self.take(read)? {
-                return Poll::Ready(Some(Ok(data)));
-            }
+            // One copy, to the read's size; the frames are slices of it.
+            self.leftover = Bytes::copy_from_slice(buf.filled());
         }
     }
 
-    /// Applies the framing to freshly read bytes: the body's data among them, if any.
-    fn take(&mut self, input: &[u8]) -> Result<Option<Bytes>, io::Error> {
-        let data = match self.framing {
-            Framing::Done => {
-                // Bytes past the end of a body: the connection is not reused.
-                self.reusable = false;
-                None
-            }
-            Framing::Close => Some(Bytes::copy_from_slice(input)),
-            Framing::Length(left) => {
-                let take = input.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                if take < input.len() {
+    /// The next data of the body among the bytes already read: at most one chunk's
+    /// worth, as a slice of them, so each chunk the upstream sent is a frame of its own.
+    fn next_data(&mut self) -> Result<Option<Bytes>, io::Error> {
+        while !self.leftover.is_empty() {
+            let data = match self.framing {
+                Framing::Done => {
+                    // Bytes past the end of a body: the connection is not reused.
                     self.reusable = false;
+                    self.leftover.clear();
+                    None
                 }
-                let left = left - take as u64;
-                self.framing = if left == 0 {
-                    Framing::Done
-                } else {
-                    Framing::Length(left)
-                };
-                Some(Bytes::copy_from_slice(&input[..take]))
-            }
-            Framing::Chunked(state) => {
-                let mut out = Vec::new();
-                match decode_chunked(state, input, &mut out) {
-                    Ok((framing, used)) => {
-                        if used < input.len() {
-                            self.reusable = false;
-                        }
-                        self.framing = framing;
-                    }
-                    Err(e) => {
-                        let error = io::Error::new(io::ErrorKind::InvalidData, e);
-                        if out.is_empty() {
-                            return Err(error);
-                        }
-                        // The data before the break goes out first.
-                        self.fail(error);
-                    }
+                Framing::Failed => return Ok(None),
+                Framing::Close => Some(std::mem::take(&mut self.leftover)),
+                Framing::Length(left) => {
+                    let take = self
+                        .leftover
+                        .len()
+                        .min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let left = left - take as u64;
+                    self.framing = if left == 0 {
+                        Framing::Done
+                    } else {
+                        Framing::Length(left)
+                    };
+                    Some(self.leftover.split_to(take))
                 }
-                (!out.is_empty()).then(|| Bytes::from(out))
+                Framing::Chunked(state) => {
+                    let (framing, used, data) = decode_chunked(state, &self.leftover)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    let data = data.map(|range| self.leftover.slice(range));
+                    self.leftover.advance(used);
+                    self.framing = framing;
+                    data
+                }
+            };
+            self.finish_if_done();
+            if let Some(data) = data.filter(|d| !d.is_empty()) {
+                return Ok(Some(data));
             }
-            Framing::Failed => None,
-        };
+        }
         self.finish_if_done();
-        Ok(data.filter(|d| !d.is_empty()))
+        Ok(None)
     }
 }
 
@@ -790,17 +793,24 @@ impl Body for H1Body {
 mod tests {
     use super::*;
 
-    fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, Framing), Error> {
+    /// Decodes `input` delivered in two reads, split at `split`: the data, the number of
+    /// pieces it came in, and the framing at the end.
+    fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, usize, Framing), Error> {
         let mut out = Vec::new();
-        let mut state = Chunk::Size { size: 0, digits: 0 };
-        let mut framing = Framing::Chunked(state);
-        for part in [&input[..split], &input[split..]] {
-            let Framing::Chunked(s) = framing else { break };
-            state = s;
-            let (f, _) = decode_chunked(state, part, &mut out)?;
-            framing = f;
+        let mut pieces = 0;
+        let mut framing = Framing::Chunked(Chunk::Size { size: 0, digits: 0 });
+        for mut part in [&input[..split], &input[split..]] {
+            while let (Framing::Chunked(state), false) = (framing, part.is_empty()) {
+                let (f, used, data) = decode_chunked(state, part)?;
+                if let Some(range) = data.filter(|r| !r.is_empty()) {
+                    out.extend_from_slice(&part[range]);
+                    pieces += 1;
+                }
+                framing = f;
+                part = &part[used..];
+            }
         }
-        Ok((out, framing))
+        Ok((out, pieces, framing))
     }
 
     #[test]
@@ -808,19 +818,24 @@ mod tests {
         let wire =
             b"5\r\nhello\r\n7;ext=1\r\n, world\r\nA\r\n0123456789\r\n0\r\nx-trailer: 1\r\n\r\n";
         for split in 0..=wire.len() {
-            let (data, framing) = decode_all(wire, split).unwrap();
+            let (data, pieces, framing) = decode_all(wire, split).unwrap();
             assert_eq!(data, b"hello, world0123456789", "split at {split}");
             assert_eq!(framing, Framing::Done, "split at {split}");
+            // One piece per chunk, and one more for a chunk the split cuts in two.
+            assert!(
+                (3..=4).contains(&pieces),
+                "split at {split}: {pieces} pieces"
+            );
         }
         let bare_lf = b"3\nabc\n0\n\n";
-        let (data, framing) = decode_all(bare_lf, 4).unwrap();
+        let (data, _, framing) = decode_all(bare_lf, 4).unwrap();
         assert_eq!((data.as_slice(), framing), (&b"abc"[..], Framing::Done));
     }
 
     #[test]
     fn chunk_sizes_take_leading_zeros_but_nothing_after_whitespace() {
         let padded = b"0000000000000000005\r\nhello\r\n0 ;last\r\n\r\n";
-        let (data, framing) = decode_all(padded, 3).unwrap();
+        let (data, _, framing) = decode_all(padded, 3).unwrap();
         assert_eq!((data.as_slice(), framing), (&b"hello"[..], Framing::Done));
         for wire in [&b"5 6\r\nhello\r\n"[..], b"10000000000000000\r\n"] {
             assert!(
