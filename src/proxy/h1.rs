@@ -12,7 +12,6 @@
 //! connection is checked before reuse (a peer that closed it has left an end of file to
 //! read), so a request is not sent down a connection known to be gone.
 
-use std::collections::HashMap;
 use std::fmt::Write;
 use std::io;
 use std::mem::MaybeUninit;
@@ -27,6 +26,8 @@ use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+// Keyed by the authorities of configured providers: a fast hash, seeded per process.
+use hashbrown::HashMap;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -76,10 +77,9 @@ pub struct Settings {
     pub max_idle_per_host: usize,
 }
 
-/// Keep-alive connections by `host:port`, each with when it went idle.
-#[derive(Default)]
+/// Keep-alive connections by the upstream's `host[:port]`, each with when it went idle.
 struct Pool {
-    // Keyed by the authorities of configured providers: the standard hasher is plenty.
+    settings: Settings,
     idle: Mutex<HashMap<Box<str>, Vec<Idle>>>,
 }
 
@@ -92,14 +92,13 @@ struct Idle {
 #[derive(Clone)]
 pub struct Client {
     pool: Arc<Pool>,
-    settings: Settings,
 }
 
 impl Client {
     pub fn new(settings: Settings) -> Client {
+        let idle = Mutex::default();
         Client {
-            pool: Arc::default(),
-            settings,
+            pool: Arc::new(Pool { settings, idle }),
         }
     }
 
@@ -115,9 +114,9 @@ impl Client {
             .uri
             .authority()
             .ok_or(Error::Malformed("no host in the upstream URI"))?;
-        let mut stream = match self.checkout(authority.as_str()) {
+        let mut stream = match self.pool.check_out(authority.as_str()) {
             Some(stream) => stream,
-            None => self.connect(authority).await?,
+            None => connect(authority, self.pool.settings.connect_timeout).await?,
         };
 
         let head_only = parts.method == Method::HEAD;
@@ -158,18 +157,18 @@ impl Client {
             framing,
             reusable,
             pool: self.pool.clone(),
-            settings: self.settings,
             key,
             failed: None,
-            turned: false,
         };
         body.finish_if_done();
         Ok(response.map(|()| body))
     }
+}
 
+impl Pool {
     /// An idle connection to `key` that is still open, if any.
-    fn checkout(&self, key: &str) -> Option<TcpStream> {
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+    fn check_out(&self, key: &str) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let conns = idle.get_mut(key)?;
         while let Some(Idle { stream, since }) = conns.pop() {
             if since.elapsed() >= self.settings.idle_timeout {
@@ -184,25 +183,40 @@ impl Client {
         None
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<TcpStream, Error> {
-        let port = authority.port_u16().unwrap_or(80);
-        let host = authority.host();
-        // An IPv6 literal keeps its brackets in the URI, not in a socket address.
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let connect = TcpStream::connect((host, port));
-        let stream = tokio::time::timeout(self.settings.connect_timeout, connect)
-            .await
-            .map_err(|_| Error::ConnectTimeout)?
-            .map_err(Error::Connect)?;
-        stream.set_nodelay(true).map_err(Error::Connect)?;
-        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
-        // Best effort: a connection without keepalive probes still works.
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        Ok(stream)
+    /// Keeps a connection that may serve another request, unless `key` has its fill.
+    fn check_in(&self, key: &str, stream: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = idle.entry_ref(key).or_default();
+        // Oldest first: those past the idle limit close now, not at some checkout.
+        let expired = conns
+            .iter()
+            .position(|c| c.since.elapsed() < self.settings.idle_timeout)
+            .unwrap_or(conns.len());
+        conns.drain(..expired);
+        if conns.len() < self.settings.max_idle_per_host {
+            let since = Instant::now();
+            conns.push(Idle { stream, since });
+        }
     }
+}
+
+async fn connect(authority: &Authority, timeout: Duration) -> Result<TcpStream, Error> {
+    let port = authority.port_u16().unwrap_or(80);
+    let host = authority.host();
+    // An IPv6 literal keeps its brackets in the URI, not in a socket address.
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| Error::ConnectTimeout)?
+        .map_err(Error::Connect)?;
+    stream.set_nodelay(true).map_err(Error::Connect)?;
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+    // Best effort: a connection without keepalive probes still works.
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+    Ok(stream)
 }
 
 /// Whether an idle connection is still open with nothing to read. One idle for a while
@@ -610,13 +624,10 @@ pub struct H1Body {
     framing: Framing,
     reusable: bool,
     pool: Arc<Pool>,
-    settings: Settings,
     /// The pool's key: the upstream's `host[:port]` as configured.
     key: Authority,
     /// An error held back one poll (see `poll_frame`).
     failed: Option<io::Error>,
-    /// Whether that poll has passed.
-    turned: bool,
 }
 
 impl H1Body {
@@ -629,37 +640,9 @@ impl H1Body {
         let Some(stream) = self.conn.take() else {
             return;
         };
-        if !self.reusable || !self.leftover.is_empty() || self.settings.max_idle_per_host == 0 {
-            return;
+        if self.reusable && self.leftover.is_empty() {
+            self.pool.check_in(self.key.as_str(), stream);
         }
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let idle_timeout = self.settings.idle_timeout;
-        if let Some(conns) = idle.get_mut(self.key.as_str()) {
-            // Oldest first: those past the idle limit close now, not at some checkout.
-            let expired = conns
-                .iter()
-                .position(|c| c.since.elapsed() < idle_timeout)
-                .unwrap_or(conns.len());
-            conns.drain(..expired);
-        }
-        match idle.get_mut(self.key.as_str()) {
-            Some(conns) if conns.len() >= self.settings.max_idle_per_host => {}
-            Some(conns) => conns.push(Idle {
-                stream,
-                since: Instant::now(),
-            }),
-            None => {
-                let since = Instant::now();
-                idle.insert(self.key.as_str().into(), vec![Idle { stream, since }]);
-            }
-        }
-    }
-
-    /// Closes the connection and holds `error` for the next poll.
-    fn fail(&mut self, error: io::Error) {
-        self.failed = Some(error);
-        self.framing = Framing::Failed;
-        self.conn = None;
     }
 
     /// The next data of the body, read from the connection as needed.
@@ -751,25 +734,19 @@ impl Body for H1Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
-        if this.failed.is_some() {
-            // An error waits one turn: hyper writes out what it has buffered of the
-            // response first, so over HTTP/1.1 the bytes that arrived before the cut
-            // reach the client before its response is aborted.
-            if !this.turned {
-                this.turned = true;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            if let Some(error) = this.failed.take() {
-                return Poll::Ready(Some(Err(error)));
-            }
+        if let Some(error) = this.failed.take() {
+            return Poll::Ready(Some(Err(error)));
         }
         match ready!(this.poll_data(cx)) {
             Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
             None => Poll::Ready(None),
             Some(Err(error)) => {
-                this.fail(error);
-                this.turned = true;
+                // The error waits one turn: hyper writes out what it has buffered of
+                // the response first, so over HTTP/1.1 the bytes that arrived before
+                // the cut reach the client before its response is aborted.
+                this.failed = Some(error);
+                this.framing = Framing::Failed;
+                this.conn = None;
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
