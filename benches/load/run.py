@@ -312,6 +312,10 @@ def main():
                     help="also run a proxy that keeps its limits in Redis")
     ap.add_argument("--bin", help="a tokenwarden binary to run instead of building the "
                     "release one (to compare two builds)")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=BIN[@CONFIG]",
+                    help="also run another build side by side, e.g. an older commit's; "
+                    "CONFIG is a config template for a build that cannot read today's "
+                    "({mock} and {data} are filled in)")
     ap.add_argument("--no-slow-streams", action="store_true",
                     help="skip the memory test with 2,000 open streams")
     opts = ap.parse_args()
@@ -339,10 +343,14 @@ def main():
         targets["nginx"] = (f"http://127.0.0.1:{port}/openai/v1/chat/completions", False,
                             [proc.pid])
 
-    def proxy(name, limits=True, redis=None):
+    def proxy(name, limits=True, redis=None, binary=None, template=None):
         config = tmp / f"{name}.toml"
-        config.write_text(proxy_config(mock_addr, tmp / name, limits, redis))
-        proc, addr = start(pinned(1) + [str(BIN), "serve", "--config", str(config)],
+        if template:
+            text = Path(template).read_text().replace("{mock}", mock_addr)
+            config.write_text(text.replace("{data}", str(tmp / name)))
+        else:
+            config.write_text(proxy_config(mock_addr, tmp / name, limits, redis))
+        proc, addr = start(pinned(1) + [str(binary or BIN), "serve", "--config", str(config)],
                            env={"BENCH_OPENAI_KEY": "sk-bench"})
         procs.append(proc)
         targets[name] = (f"http://{addr}/openai/v1/chat/completions", True, [proc.pid])
@@ -359,6 +367,12 @@ def main():
             stdout=subprocess.DEVNULL))
         wait_port(port)
         proxy("redis", redis=f"redis://127.0.0.1:{port}/0")
+    for also in opts.also:
+        name, _, rest = also.partition("=")
+        binary, _, template = rest.partition("@")
+        if not name or not binary:
+            ap.error(f"--also {also!r}: expected NAME=BIN[@CONFIG]")
+        proxy(name, binary=Path(binary).resolve(), template=template or None)
     time.sleep(0.3)
     idle_rss = rss_kib([main_proxy.pid])
 
