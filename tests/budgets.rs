@@ -360,6 +360,76 @@ async fn models_outside_the_allow_list_get_403_and_caps_clamp() {
     assert_eq!(status, 200);
 }
 
+/// A body whose fields can be read but that is not JSON a full parse accepts (a lone
+/// surrogate in a message, invalid UTF-8 in a string) cannot take the output limit. It
+/// must be refused, never sent on without the limit its reservation or cap assumed:
+/// a lenient upstream would generate as much as it likes.
+#[tokio::test]
+async fn a_body_that_cannot_take_the_output_limit_is_refused_not_sent_without_it() {
+    let mock = Mock::start();
+    // agent-a: a cap and a budget; agent-b (in the tail): a cap only.
+    let budget = "max_tokens_cap = 64\n[[agents.budgets]]\nperiod = \"day\"\ntokens = 100000";
+    let proxy = Proxy::start(&budget_config(&mock, budget, ""));
+    let config_b = budget_config(&mock, "", "");
+    let key_b_line = format!(
+        "key_sha256 = \"{}\"\n",
+        tokenwarden::identity::key_digest_hex(KEY_B)
+    );
+    let proxy_b = Proxy::start(&config_b.replacen(
+        &key_b_line,
+        &format!("{key_b_line}max_tokens_cap = 64\n"),
+        1,
+    ));
+    let lone_surrogate =
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"\ud800"}]}"#;
+    let mut bad_utf8 = br#"{"model":"gpt-4o-mini","max_completion_tokens":100000,"messages":[{"role":"user","content":"x"#.to_vec();
+    bad_utf8.extend_from_slice(b"\xff\"}]}");
+    let bodies: [(&str, Vec<u8>); 2] = [
+        ("lone surrogate", lone_surrogate.as_bytes().to_vec()),
+        ("invalid UTF-8", bad_utf8),
+    ];
+    for (what, body) in bodies {
+        for (proxy, key) in [(&proxy, KEY_A), (&proxy_b, KEY_B)] {
+            let (status, _, answer) = send(request(
+                "POST",
+                &proxy.url("/openai/v1/chat/completions"),
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &bearer(key)),
+                ],
+                body.clone(),
+            ))
+            .await;
+            assert_eq!(status, 400, "{what}: {}", String::from_utf8_lossy(&answer));
+            let message = json(&answer)["error"]["message"].to_string();
+            assert!(
+                message.contains("not JSON the proxy can read"),
+                "{what}: {message}"
+            );
+        }
+    }
+    let lines = proxy_b.wait_for_audit_lines(2).await;
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["outcome"] == "rejected" && l["reason"] == "unreadable_body"),
+        "{lines:?}"
+    );
+    assert!(
+        mock.requests().await.is_empty(),
+        "nothing went upstream without its output limit"
+    );
+    // A readable body without a limit still gets the cap.
+    let (status, _, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(mock.last_request().await["output_limit"], 64);
+}
+
 #[tokio::test]
 async fn reservations_are_released_when_streams_fail_or_clients_leave() {
     let mock = Mock::start();

@@ -175,10 +175,18 @@ impl RequestFields<'_> {
 /// the closing brace, leaving every other byte as sent; a present one means rewriting
 /// the document. `None` if the body is not a JSON object.
 pub fn set_json_field(body: &[u8], field: &str, value: serde_json::Value) -> Option<Bytes> {
-    // The usual case, an absent field, needs only the top-level keys: they are read
-    // without building the document (a tree of every message would cost more than the
-    // splice), and the same documents are accepted as by a parse into `Value`.
-    let keys = TopLevelKeys::read(body, field)?;
+    let keys = ObjectKeys::read(body, field)?;
+    set_json_field_in(body, field, value, keys)
+}
+
+/// [`set_json_field`] for a body whose keys were read already (by [`ObjectKeys::read`]
+/// with the same `field`).
+pub fn set_json_field_in(
+    body: &[u8],
+    field: &str,
+    value: serde_json::Value,
+    keys: ObjectKeys,
+) -> Option<Bytes> {
     if keys.has_field {
         let mut value_map: serde_json::Value = serde_json::from_slice(body).ok()?;
         let object = value_map.as_object_mut()?;
@@ -186,10 +194,9 @@ pub fn set_json_field(body: &[u8], field: &str, value: serde_json::Value) -> Opt
         return serde_json::to_vec(&value_map).ok().map(Bytes::from);
     }
     let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
-    let empty = keys.empty;
     let mut out = Vec::with_capacity(body.len() + field.len() + 32);
     out.extend_from_slice(&body[..end]);
-    if !empty {
+    if !keys.empty {
         out.push(b',');
     }
     out.extend_from_slice(serde_json::to_string(field).ok()?.as_bytes());
@@ -197,6 +204,28 @@ pub fn set_json_field(body: &[u8], field: &str, value: serde_json::Value) -> Opt
     out.extend_from_slice(value.to_string().as_bytes());
     out.extend_from_slice(&body[end..]);
     Some(Bytes::from(out))
+}
+
+/// What setting a top-level field needs to know of a body: whether it is empty and
+/// whether it has the field already.
+#[derive(Clone, Copy, Debug)]
+pub struct ObjectKeys {
+    has_field: bool,
+    empty: bool,
+}
+
+impl ObjectKeys {
+    /// The keys of a JSON object; `None` for anything that is not one, or that a parse
+    /// into `Value` would refuse. The usual case, an absent field, needs only the
+    /// top-level keys: they are read without building the document (a tree of every
+    /// message would cost more than the splice).
+    pub fn read(body: &[u8], field: &str) -> Option<ObjectKeys> {
+        let keys = TopLevelKeys::read(body, field)?;
+        Some(ObjectKeys {
+            has_field: keys.has_field,
+            empty: keys.empty,
+        })
+    }
 }
 
 // === reading a JSON object's top-level keys ===

@@ -27,7 +27,7 @@ use crate::ledger::{
 };
 use crate::metering::pricing::glob_match;
 use crate::metering::{Endpoint, Price};
-use crate::providers::{set_json_field, RequestFields};
+use crate::providers::{set_json_field_in, ObjectKeys, RequestFields};
 
 /// An agent's rules, from the config.
 #[derive(Debug, Default)]
@@ -201,8 +201,9 @@ fn too_many_per_minute(agent: &str, rpm: u32, wait_seconds: u64) -> ProxyError {
 struct Plan {
     /// `None` when nothing is to be reserved.
     ask: Option<Ask>,
-    /// The body field to set to the output limit granted (or the cap).
-    rewrite: Option<&'static str>,
+    /// The body field to set to the output limit granted (or the cap), and the body's
+    /// keys, read before anything is reserved.
+    rewrite: Option<(&'static str, ObjectKeys)>,
 }
 
 fn plan(policy: &Policy, config: &Config, req: &Request<'_>) -> Result<Plan, ProxyError> {
@@ -265,10 +266,18 @@ fn plan(policy: &Policy, config: &Config, req: &Request<'_>) -> Result<Plan, Pro
         nanos_per_output_token: output_price,
     });
     // Without budgets only a cap applies: the body then gets the cap (see `rewrite`).
-    Ok(Plan {
-        ask,
-        rewrite: write.then_some(field),
-    })
+    // A body the limit cannot be written into (its fields could be read, but it is not
+    // an object a full parse accepts: a lone surrogate, a string that is not UTF-8) is
+    // refused here, before anything is reserved, and never sent on without the limit
+    // its reservation or cap assumes: a lenient upstream would generate without end.
+    let rewrite = match write && !req.body.is_empty() {
+        true => Some((
+            field,
+            ObjectKeys::read(req.body, field).ok_or(ProxyError::Unreadable)?,
+        )),
+        false => None,
+    };
+    Ok(Plan { ask, rewrite })
 }
 
 pub async fn admit(
@@ -331,16 +340,13 @@ pub async fn admit(
 /// The body with its output limit set to `output` (or the cap), if admission changed it.
 fn rewrite(
     req: &Request<'_>,
-    field: Option<&'static str>,
+    plan: Option<(&'static str, ObjectKeys)>,
     output: Option<u64>,
     policy: &Policy,
 ) -> Option<Bytes> {
-    let field = field?;
-    if req.body.is_empty() {
-        return None;
-    }
+    let (field, keys) = plan?;
     let n = output.or(policy.max_tokens_cap)?;
-    set_json_field(req.body, field, serde_json::Value::from(n))
+    set_json_field_in(req.body, field, serde_json::Value::from(n), keys)
 }
 
 /// Admission against limits kept in Redis: in-flight, rate and budgets in one script.

@@ -49,7 +49,7 @@ pub enum ProxyError {
     OutputLimitRequired(&'static str),
     #[error("model {0:?} has no price, so the agent's dollar budget cannot be enforced; add [pricing.\"{0}\"]")]
     Unpriced(String),
-    #[error("the request body is not JSON the proxy can read, and a budget applies to this agent")]
+    #[error("the request body is not JSON the proxy can read, and a budget or an output cap applies to this agent")]
     Unreadable,
     #[error("{what}; retry in {retry_after} s")]
     RateLimited {
