@@ -4,6 +4,7 @@
 //! counts, not a guess.
 
 pub mod anomaly;
+mod fingerprint;
 pub mod runs;
 
 use std::num::NonZeroU32;

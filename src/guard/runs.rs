@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
+pub use super::fingerprint::fingerprint;
 use crate::config::{RunAction, RunLimitsConfig};
 use crate::ledger::{nanos_to_usd, usd_to_nanos};
 
@@ -382,51 +382,6 @@ impl Drop for Ticket {
         if !self.done {
             self.runs.leave(&self.agent, &self.run);
         }
-    }
-}
-
-/// The repetition key of a request: its model and its conversation (`messages`, or
-/// `input`, `prompt` and `system`), canonicalised so that key order, whitespace and the
-/// spelling of tool-call arguments (a JSON string) do not matter. `None` for a body
-/// that is not a JSON object.
-pub fn fingerprint(body: &[u8]) -> Option<[u8; 16]> {
-    let serde_json::Value::Object(mut doc) = serde_json::from_slice(body).ok()? else {
-        return None;
-    };
-    let mut hasher = Sha256::new();
-    for field in ["model", "system", "messages", "input", "prompt"] {
-        if let Some(mut value) = doc.remove(field) {
-            canonical_arguments(&mut value);
-            hasher.update(field.as_bytes());
-            hasher.update([0]);
-            // serde_json's map keeps keys sorted: this is the canonical form.
-            hasher.update(value.to_string().as_bytes());
-            hasher.update([0]);
-        }
-    }
-    let digest = hasher.finalize();
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&digest[..16]);
-    Some(out)
-}
-
-/// Replaces every `arguments` string that holds JSON by its canonical form.
-fn canonical_arguments(value: &mut serde_json::Value) {
-    match value {
-        serde_json::Value::Object(map) => {
-            for (key, v) in map.iter_mut() {
-                if key == "arguments" {
-                    if let serde_json::Value::String(s) = v {
-                        if let Ok(parsed) = serde_json::from_str::<serde_json::Value>(s) {
-                            *s = parsed.to_string();
-                        }
-                    }
-                }
-                canonical_arguments(v);
-            }
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(canonical_arguments),
-        _ => {}
     }
 }
 

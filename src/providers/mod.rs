@@ -305,8 +305,8 @@ impl serde::de::Visitor<'_> for IsKey<'_> {
     }
 }
 
-/// Any JSON value, checked and dropped.
-struct Valid;
+/// Any JSON value, checked as a parse into `Value` checks it, and dropped.
+pub(crate) struct Valid;
 
 impl<'de> serde::Deserialize<'de> for Valid {
     fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
