@@ -16,10 +16,10 @@
 use std::borrow::Cow;
 use std::io::Write;
 
-use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use sha2::{Digest, Sha256};
 
-use crate::providers::Valid;
+use crate::providers::{JsonKey, Valid};
 
 /// The fields that make two requests the same request, in the order they are hashed.
 const FIELDS: [&str; 5] = ["model", "system", "messages", "input", "prompt"];
@@ -169,7 +169,7 @@ impl<'de> Visitor<'de> for Fields {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut fields: [Option<Node<'de>>; 5] = Default::default();
-        while let Some(key) = map.next_key_seed(Key)? {
+        while let Some(key) = map.next_key_seed(JsonKey)? {
             match FIELDS.iter().position(|f| *f == key) {
                 Some(i) => fields[i] = Some(map.next_value::<Node<'de>>()?),
                 None => {
@@ -178,33 +178,6 @@ impl<'de> Visitor<'de> for Fields {
             }
         }
         Ok(fields)
-    }
-}
-
-/// A key, borrowed from the body where it has no escapes.
-struct Key;
-
-impl<'de> DeserializeSeed<'de> for Key {
-    type Value = Cow<'de, str>;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
-        de.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Key {
-    type Value = Cow<'de, str>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a key")
-    }
-
-    fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Self::Value, E> {
-        Ok(Cow::Borrowed(key))
-    }
-
-    fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(Cow::Owned(key.to_owned()))
     }
 }
 
@@ -262,7 +235,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node<'de>, A::Error> {
         let mut entries = Vec::new();
-        while let Some(key) = map.next_key_seed(Key)? {
+        while let Some(key) = map.next_key_seed(JsonKey)? {
             entries.push((key, map.next_value()?));
         }
         Ok(Node::Object(entries))

@@ -2,7 +2,11 @@
 //! and how its errors look. One file per wire format.
 
 pub mod anthropic;
+mod fields;
 pub mod openai;
+
+pub(crate) use fields::JsonKey;
+pub use fields::{read_fields, TopKeys};
 
 use std::sync::Arc;
 
@@ -83,7 +87,7 @@ impl From<ProviderKindConfig> for ProviderKind {
 
 /// A string borrowed from the body where it has no escapes: serde copies a `Cow` that
 /// sits in an `Option`.
-fn borrowed_str<'de, D: serde::Deserializer<'de>>(
+pub(super) fn borrowed_str<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<std::borrow::Cow<'de, str>>, D::Error> {
     use std::borrow::Cow;
@@ -139,6 +143,9 @@ pub struct RequestFields<'a> {
     pub n: Option<u64>,
     #[serde(default)]
     pub best_of: Option<u64>,
+    /// The body's top-level keys, when [`read_fields`] read them on the way.
+    #[serde(skip)]
+    pub keys: Option<TopKeys>,
 }
 
 impl RequestFields<'_> {
@@ -208,7 +215,7 @@ pub fn set_json_field_in(
 
 /// What setting a top-level field needs to know of a body: whether it is empty and
 /// whether it has the field already.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectKeys {
     has_field: bool,
     empty: bool,

@@ -273,7 +273,12 @@ fn plan(policy: &Policy, config: &Config, req: &Request<'_>) -> Result<Plan, Pro
     let rewrite = match write && !req.body.is_empty() {
         true => Some((
             field,
-            ObjectKeys::read(req.body, field).ok_or(ProxyError::Unreadable)?,
+            // Noted by the first read of the body where it could; read now otherwise.
+            req.fields
+                .keys
+                .and_then(|keys| keys.get(field))
+                .or_else(|| ObjectKeys::read(req.body, field))
+                .ok_or(ProxyError::Unreadable)?,
         )),
         false => None,
     };

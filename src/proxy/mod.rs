@@ -42,7 +42,7 @@ use crate::ledger::Ledger;
 use crate::metering::decode::Decoder;
 use crate::metering::{Endpoint, Pricing, UsageObserver};
 use crate::metrics::Metrics;
-use crate::providers::{openai, RequestFields};
+use crate::providers::openai;
 use crate::providers::{Provider, ProviderError, ProviderKind, Router};
 use admit::Policies;
 use connect::TcpConnector;
@@ -401,9 +401,7 @@ async fn forward(
     let (body, json, rest) = read_body(&parts.headers, body, limit)
         .await
         .map_err(&reject)?;
-    let parsed = json
-        .as_deref()
-        .and_then(|b| serde_json::from_slice::<RequestFields<'_>>(b).ok());
+    let parsed = json.as_deref().and_then(crate::providers::read_fields);
     let readable = parsed.is_some();
     let fields = parsed.unwrap_or_default();
     let model: Arc<str> = Arc::from(fields.model.as_deref().unwrap_or_default());
