@@ -1,56 +1,14 @@
 //! The run fingerprint, computed per request for agents with `runs.max_repeats`: an agent
 //! loop's request with a growing context (1 KiB, 32 KiB, 256 KiB of messages, a few
-//! tools, one tool call whose arguments are canonicalized), against the same key made
-//! through `serde_json::Value` (how it was first computed).
+//! tools, one tool call whose arguments are canonicalized).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use serde_json::json;
 use tokenwarden::guard::runs::fingerprint;
-
-/// The key through `Value`: parse the whole body, canonicalize the arguments, print each
-/// field to a string and hash it. The fingerprint's unit tests hold it to this.
-fn by_value(body: &[u8]) -> Option<[u8; 16]> {
-    let Value::Object(mut doc) = serde_json::from_slice(body).ok()? else {
-        return None;
-    };
-    let mut hasher = Sha256::new();
-    for field in ["model", "system", "messages", "input", "prompt"] {
-        if let Some(mut value) = doc.remove(field) {
-            canonical_arguments(&mut value);
-            hasher.update(field.as_bytes());
-            hasher.update([0]);
-            hasher.update(value.to_string().as_bytes());
-            hasher.update([0]);
-        }
-    }
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&hasher.finalize()[..16]);
-    Some(out)
-}
-
-fn canonical_arguments(value: &mut Value) {
-    match value {
-        Value::Object(map) => {
-            for (key, v) in map.iter_mut() {
-                if key == "arguments" {
-                    if let Value::String(s) = v {
-                        if let Ok(parsed) = serde_json::from_str::<Value>(s) {
-                            *s = parsed.to_string();
-                        }
-                    }
-                }
-                canonical_arguments(v);
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(canonical_arguments),
-        _ => {}
-    }
-}
 
 fn agent_request(context: usize) -> Vec<u8> {
     let mut messages = vec![json!({"role": "system", "content": "You are a careful agent."})];
@@ -88,13 +46,9 @@ fn bench(c: &mut Criterion) {
     for context in [1 << 10, 32 << 10, 256 << 10] {
         let body = agent_request(context);
         assert!(fingerprint(&body).is_some());
-        assert_eq!(fingerprint(&body), by_value(&body));
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_function(format!("fingerprint/{} KiB", context >> 10), |b| {
             b.iter(|| fingerprint(std::hint::black_box(&body)))
-        });
-        group.bench_function(format!("by_value/{} KiB", context >> 10), |b| {
-            b.iter(|| by_value(std::hint::black_box(&body)))
         });
     }
     group.finish();
