@@ -408,7 +408,34 @@ async fn a_body_that_cannot_take_the_output_limit_is_refused_not_sent_without_it
             );
         }
     }
-    let lines = proxy_b.wait_for_audit_lines(2).await;
+    // The cap holds for a body the proxy cannot read at all: JSON not marked as such, or
+    // a limit given twice (the fields' read refuses it; a lenient upstream takes the
+    // last), even where the endpoint's own default limit needs no writing.
+    for (content_type, path, body) in [
+        (
+            "text/plain",
+            "/openai/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        ),
+        (
+            "application/json",
+            "/openai/v1/completions",
+            r#"{"model":"gpt-4o-mini","prompt":"x","max_tokens":1,"max_tokens":100000}"#,
+        ),
+    ] {
+        let (status, _, answer) = send(request(
+            "POST",
+            &proxy_b.url(path),
+            &[
+                ("content-type", content_type),
+                ("authorization", &bearer(KEY_B)),
+            ],
+            body,
+        ))
+        .await;
+        assert_eq!(status, 400, "{path}: {}", String::from_utf8_lossy(&answer));
+    }
+    let lines = proxy_b.wait_for_audit_lines(4).await;
     assert!(
         lines
             .iter()

@@ -212,13 +212,12 @@ fn plan(policy: &Policy, config: &Config, req: &Request<'_>) -> Result<Plan, Pro
     {
         return Ok(Plan::default());
     }
-    if !policy.limits.is_empty() {
-        if !req.readable {
-            return Err(ProxyError::Unreadable);
-        }
-        if req.price.is_none() && policy.limits.iter().any(|l| l.nanos.is_some()) {
-            return Err(ProxyError::Unpriced(req.model.to_owned()));
-        }
+    // A budget or a cap holds only if the body can be read, and its limit written.
+    if !req.readable {
+        return Err(ProxyError::Unreadable);
+    }
+    if req.price.is_none() && policy.limits.iter().any(|l| l.nanos.is_some()) {
+        return Err(ProxyError::Unpriced(req.model.to_owned()));
     }
     // No tokenizer pass: a token is at least one byte, so the body's length bounds it.
     let input_tokens = req.body.len() as u64;
@@ -270,17 +269,17 @@ fn plan(policy: &Policy, config: &Config, req: &Request<'_>) -> Result<Plan, Pro
     // an object a full parse accepts: a lone surrogate, a string that is not UTF-8) is
     // refused here, before anything is reserved, and never sent on without the limit
     // its reservation or cap assumes: a lenient upstream would generate without end.
-    let rewrite = match write && !req.body.is_empty() {
-        true => Some((
-            field,
-            // Noted by the first read of the body where it could; read now otherwise.
-            req.fields
-                .keys
-                .and_then(|keys| keys.get(field))
-                .or_else(|| ObjectKeys::read(req.body, field))
-                .ok_or(ProxyError::Unreadable)?,
-        )),
-        false => None,
+    let rewrite = if write {
+        // Noted by the first read of the body where it could; read now otherwise.
+        let keys = req
+            .fields
+            .keys
+            .and_then(|keys| keys.get(field))
+            .or_else(|| ObjectKeys::read(req.body, field))
+            .ok_or(ProxyError::Unreadable)?;
+        Some((field, keys))
+    } else {
+        None
     };
     Ok(Plan { ask, rewrite })
 }
@@ -318,7 +317,7 @@ pub async fn admit(
     }
     let Plan {
         ask,
-        rewrite: field,
+        rewrite: splice,
     } = plan(policy, config, &req)?;
     let (hold, output, remaining) = match ask {
         None => (None, None, Remaining::default()),
@@ -336,7 +335,7 @@ pub async fn admit(
     };
     Ok(Admitted {
         hold,
-        body: rewrite(&req, field, output, policy),
+        body: rewrite(&req, splice, output, policy),
         remaining,
         slot,
     })
@@ -363,7 +362,7 @@ async fn admit_shared(
 ) -> Result<Admitted, ProxyError> {
     let Plan {
         ask,
-        rewrite: field,
+        rewrite: splice,
     } = plan(policy, config, &req)?;
     let decided = redis
         .admit(Admission {
@@ -423,7 +422,7 @@ async fn admit_shared(
     let output = grant.map(|g| g.output);
     Ok(Admitted {
         hold: hold.map(Hold::Remote),
-        body: rewrite(&req, field, output, policy),
+        body: rewrite(&req, splice, output, policy),
         remaining: grant.map(|g| g.remaining).unwrap_or_default(),
         slot: None,
     })
