@@ -455,6 +455,16 @@ async fn a_body_that_cannot_take_the_output_limit_is_refused_not_sent_without_it
     .await;
     assert_eq!(status, 200);
     assert_eq!(mock.last_request().await["output_limit"], 64);
+    // The legacy completions' explicit null: no limit to some servers, so the cap is
+    // written (absent, the API's own default of 16 is under the cap and stays).
+    let (status, _, _) = post_json(
+        &proxy_b.url("/openai/v1/completions"),
+        &[("authorization", &bearer(KEY_B))],
+        r#"{"model":"gpt-4o-mini","prompt":"x","max_tokens":null}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(mock.last_request().await["output_limit"], 64);
 }
 
 #[tokio::test]

@@ -222,6 +222,11 @@ pub struct ObjectKeys {
 }
 
 impl ObjectKeys {
+    /// Whether the object has the field already.
+    pub fn has_field(&self) -> bool {
+        self.has_field
+    }
+
     /// The keys of a JSON object; `None` for anything that is not one, or that a parse
     /// into `Value` would refuse. The usual case, an absent field, needs only the
     /// top-level keys: they are read without building the document (a tree of every

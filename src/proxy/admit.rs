@@ -231,7 +231,16 @@ fn plan(policy: &Policy, config: &Config, req: &Request<'_>) -> Result<Plan, Pro
         tokens: input_tokens,
         nanos: (input_tokens as f64 * input_price).ceil() as u64,
     };
-    let (asked, field) = req.fields.output_limit(req.endpoint);
+    let (mut asked, field) = req.fields.output_limit(req.endpoint);
+    if req.endpoint == Endpoint::Completions
+        && req.fields.max_tokens.is_none()
+        && has_key(req, "max_tokens")
+    {
+        // An explicit null is the legacy API's default of 16 to OpenAI, but no limit at
+        // all to some compatible servers (vLLM): held as no limit given, so one is
+        // written.
+        asked = None;
+    }
     let cap = policy.max_tokens_cap;
     let (output, write) = match asked {
         Some(n) => match cap {
@@ -339,6 +348,15 @@ pub async fn admit(
         remaining,
         slot,
     })
+}
+
+/// Whether the body's top level has `field`, whatever its value.
+fn has_key(req: &Request<'_>, field: &str) -> bool {
+    req.fields
+        .keys
+        .and_then(|keys| keys.get(field))
+        .or_else(|| ObjectKeys::read(req.body, field))
+        .is_some_and(|keys| keys.has_field())
 }
 
 /// The body with its output limit set to `output` (or the cap), if admission changed it.
