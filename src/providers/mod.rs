@@ -178,16 +178,9 @@ impl RequestFields<'_> {
     }
 }
 
-/// The body with top-level `field` set to `value`. An absent field is spliced in before
-/// the closing brace, leaving every other byte as sent; a present one means rewriting
-/// the document. `None` if the body is not a JSON object.
-pub fn set_json_field(body: &[u8], field: &str, value: serde_json::Value) -> Option<Bytes> {
-    let keys = ObjectKeys::read(body, field)?;
-    set_json_field_in(body, field, value, keys)
-}
-
-/// [`set_json_field`] for a body whose keys were read already (by [`ObjectKeys::read`]
-/// with the same `field`).
+/// The body with top-level `field` set to `value`, its keys read by [`ObjectKeys::read`]
+/// with the same `field`. An absent field is spliced in before the closing brace,
+/// leaving every other byte as sent; a present one means rewriting the document.
 pub fn set_json_field_in(
     body: &[u8],
     field: &str,
@@ -242,7 +235,7 @@ impl ObjectKeys {
 
 // === reading a JSON object's top-level keys ===
 
-/// What [`set_json_field`] needs of a body: whether it is empty and whether it has the
+/// What [`set_json_field_in`] needs of a body: whether it is empty and whether it has the
 /// field. Every value is checked as a parse into `Value` checks it (serde_json's own
 /// string, number and nesting checks, through `deserialize_any`), but nothing is built.
 #[derive(Clone, Copy)]
@@ -536,8 +529,13 @@ impl Router {
 mod tests {
     use super::*;
 
+    /// The body with `field` set, its keys read first, as admission does it.
+    fn set_json_field(body: &[u8], field: &str, value: serde_json::Value) -> Option<Bytes> {
+        set_json_field_in(body, field, value, ObjectKeys::read(body, field)?)
+    }
+
     mod properties {
-        use super::super::set_json_field;
+        use super::set_json_field;
         use bytes::Bytes;
         use proptest::prelude::*;
         use serde_json::{Map, Value};

@@ -234,7 +234,7 @@ fn plan(policy: &Policy, config: &Config, req: &Request<'_>) -> Result<Plan, Pro
     let (mut asked, field) = req.fields.output_limit(req.endpoint);
     if req.endpoint == Endpoint::Completions
         && req.fields.max_tokens.is_none()
-        && has_key(req, "max_tokens")
+        && body_keys(req, field).is_some_and(|keys| keys.has_field())
     {
         // An explicit null is the legacy API's default of 16 to OpenAI, but no limit at
         // all to some compatible servers (vLLM): held as no limit given, so one is
@@ -279,13 +279,7 @@ fn plan(policy: &Policy, config: &Config, req: &Request<'_>) -> Result<Plan, Pro
     // refused here, before anything is reserved, and never sent on without the limit
     // its reservation or cap assumes: a lenient upstream would generate without end.
     let rewrite = if write {
-        // Noted by the first read of the body where it could; read now otherwise.
-        let keys = req
-            .fields
-            .keys
-            .and_then(|keys| keys.get(field))
-            .or_else(|| ObjectKeys::read(req.body, field))
-            .ok_or(ProxyError::Unreadable)?;
+        let keys = body_keys(req, field).ok_or(ProxyError::Unreadable)?;
         Some((field, keys))
     } else {
         None
@@ -350,13 +344,13 @@ pub async fn admit(
     })
 }
 
-/// Whether the body's top level has `field`, whatever its value.
-fn has_key(req: &Request<'_>, field: &str) -> bool {
+/// The body's keys for setting `field`: noted by the first read of the body where it
+/// could, read now otherwise; `None` for a body the limit cannot be written into.
+fn body_keys(req: &Request<'_>, field: &str) -> Option<ObjectKeys> {
     req.fields
         .keys
         .and_then(|keys| keys.get(field))
         .or_else(|| ObjectKeys::read(req.body, field))
-        .is_some_and(|keys| keys.has_field())
 }
 
 /// The body with its output limit set to `output` (or the cap), if admission changed it.
