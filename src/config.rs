@@ -107,6 +107,10 @@ pub struct ServerConfig {
     /// A client must send its request headers within this time.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A connection with no request open and none begun for this long is closed
+    /// gracefully (HTTP/1.1 keep-alive connections already at `header_read_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// On SIGTERM or SIGINT, in-flight requests get this long to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -122,6 +126,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             max_connections: 10_000,
             tls: None,
@@ -645,6 +650,7 @@ impl Config {
                 "server.header_read_timeout",
                 self.server.header_read_timeout,
             ),
+            ("server.idle_timeout", self.server.idle_timeout),
             ("storage.snapshot_interval", self.storage.snapshot_interval),
         ] {
             if d.is_zero() {

@@ -5,22 +5,23 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
@@ -89,50 +90,69 @@ pub async fn run(
         }
     });
 
-    let graceful = GracefulShutdown::new();
+    // Every connection holds a sender; when the last one is gone, every connection is.
+    let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let connection_stop = stop_rx.clone();
     let connections = Arc::new(Semaphore::new(server_cfg.max_connections));
     let grace = server_cfg.shutdown_grace;
-    let handshake_timeout = server_cfg.header_read_timeout;
+    let limits = Limits {
+        first_bytes: server_cfg.header_read_timeout,
+        idle: server_cfg.idle_timeout,
+    };
     drop(live);
 
     let proxy_state = state.clone();
     let proxy_builder = builder.clone();
+    let proxy_stop = stop_rx.clone();
     let proxy_loop = accept_loop(
         listeners.proxy,
         stop_rx.clone(),
         Some(connections),
         |stream, peer, permit| {
             let state = proxy_state.clone();
+            let activity = Activity::new();
+            let watched = activity.clone();
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(proxy::handle(state, req, peer).await) }
+                let open = watched.open();
+                async move {
+                    let response = proxy::handle(state, req, peer).await;
+                    Ok::<_, Infallible>(response.map(|body| Counted::new(body, open)))
+                }
             });
-            let builder = proxy_builder.clone();
-            let watcher = graceful.watcher();
+            let conn = Conn {
+                stop: proxy_stop.clone(),
+                alive: alive.clone(),
+                activity,
+                permit,
+                limits,
+            };
             match &tls {
                 None => {
                     let http1_only = http1_only.clone();
-                    let mut stop = connection_stop.clone();
+                    let builder = proxy_builder.clone();
                     tokio::spawn(async move {
-                        let opens_as_http1 = tokio::select! {
-                            http1 = opens_as_http1(&stream) => http1,
+                        let mut stop = conn.stop.clone();
+                        let first = tokio::select! {
+                            first = first_bytes(&stream, limits.first_bytes) => first,
                             // Shutting down before the client said anything: close.
                             _ = stop.wait_for(|&stop| stop) => return,
                         };
-                        let builder = if opens_as_http1 { http1_only } else { builder };
-                        serve_connection(builder, stream, service, watcher, permit).await
+                        let builder = match first {
+                            FirstBytes::Http1 => http1_only,
+                            FirstBytes::Http2 => builder,
+                            FirstBytes::Nothing => return,
+                        };
+                        conn.serve(builder, stream, service).await
                     })
                 }
                 Some(acceptor) => {
+                    let builder = proxy_builder.clone();
                     let handshake =
-                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                        tokio::time::timeout(limits.first_bytes, acceptor.accept(stream));
                     tokio::spawn(async move {
                         match handshake.await {
-                            Ok(Ok(tls)) => {
-                                serve_connection(builder, tls, service, watcher, permit).await
-                            }
+                            Ok(Ok(tls)) => conn.serve(builder, tls, service).await,
                             Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                             Err(_) => tracing::debug!("TLS handshake timed out"),
                         }
@@ -142,20 +162,27 @@ pub async fn run(
         },
     );
     let admin_state = state.clone();
+    let admin_stop = stop_rx.clone();
     let admin_loop = accept_loop(listeners.admin, stop_rx, None, |stream, peer, permit| {
         let state = admin_state.clone();
+        let activity = Activity::new();
+        let watched = activity.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(crate::admin::handle(&state, req, peer).await) }
+            let open = watched.open();
+            async move {
+                let response = crate::admin::handle(&state, req, peer).await;
+                Ok::<_, Infallible>(response.map(|body| Counted::new(body, open)))
+            }
         });
-        let watcher = graceful.watcher();
-        tokio::spawn(serve_connection(
-            builder.clone(),
-            stream,
-            service,
-            watcher,
+        let conn = Conn {
+            stop: admin_stop.clone(),
+            alive: alive.clone(),
+            activity,
             permit,
-        ));
+            limits,
+        };
+        tokio::spawn(conn.serve(builder.clone(), stream, service));
     });
 
     let stopper = async {
@@ -165,9 +192,10 @@ pub async fn run(
         let _ = stop_tx.send(true);
     };
     tokio::join!(proxy_loop, admin_loop, stopper);
+    drop(alive);
 
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections drained"),
+    match tokio::time::timeout(grace, all_closed.recv()).await {
+        Ok(_) => tracing::info!("all connections drained"),
         Err(_) => tracing::warn!(grace = ?grace, "grace period over, closing open connections"),
     }
     heartbeat.abort();
@@ -211,45 +239,182 @@ async fn accept_loop<F>(
     }
 }
 
-/// Whether a client's first bytes already differ from HTTP/2's connection preface, seen
-/// without taking them from the socket. Such a connection is served as HTTP/1.1 at once
+/// How long a connection may go without being of use.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// For the first bytes of a plain connection, or a TLS handshake.
+    first_bytes: Duration,
+    /// With no request open and none begun, the connection is closed (gracefully) after
+    /// this. HTTP/1.1 connections are closed sooner, at hyper's `header_read_timeout`;
+    /// this is what ends an HTTP/2 connection that opens no streams.
+    idle: Duration,
+}
+
+/// What a plain connection's first bytes say it speaks.
+enum FirstBytes {
+    Http1,
+    /// HTTP/2's connection preface (prior knowledge); hyper-util's version check reads it.
+    Http2,
+    /// Nothing that decides it within the time limit, or the client closed: close.
+    Nothing,
+}
+
+/// Looks at a client's first bytes without taking them from the socket. A connection whose
+/// first bytes differ from HTTP/2's connection preface is served as HTTP/1.1 at once
 /// (which is what the version check would decide), so hyper's first read gets the whole
 /// request head: after the check, it got only the few bytes the check had read, and the
 /// read that followed doubled its read buffer to 16 KiB for the life of the connection.
-/// `false` (let the usual check decide) when nothing or too little has come yet.
-async fn opens_as_http1(stream: &TcpStream) -> bool {
+/// Until this decides, no timer of hyper's runs, so this one bounds the wait.
+async fn first_bytes(stream: &TcpStream, limit: Duration) -> FirstBytes {
     const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let mut first = [0u8; 24];
-    match stream.peek(&mut first).await {
-        Ok(n) => n > 0 && first[..n] != H2_PREFACE[..n],
-        Err(_) => false,
+    let look = async {
+        let mut first = [0u8; 24];
+        loop {
+            match stream.peek(&mut first).await {
+                Ok(0) | Err(_) => return FirstBytes::Nothing,
+                Ok(n) if first[..n] != H2_PREFACE[..n] => return FirstBytes::Http1,
+                Ok(24) => return FirstBytes::Http2,
+                // A preface split across packets, which real clients do not send: the
+                // bytes already seen stay readable, so wait a little before looking again.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    };
+    tokio::time::timeout(limit, look)
+        .await
+        .unwrap_or(FirstBytes::Nothing)
+}
+
+/// One client connection's bookkeeping: the shutdown signal, the sender whose drop tells
+/// the drain it closed, what its requests are doing, and its connection permit.
+struct Conn {
+    stop: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+    activity: Arc<Activity>,
+    permit: Option<OwnedSemaphorePermit>,
+    limits: Limits,
+}
+
+impl Conn {
+    /// Serves HTTP/1.1 or HTTP/2 on the connection until it ends. On shutdown, or when it
+    /// has been idle for `limits.idle`, it is shut down gracefully: requests in flight
+    /// finish, no new ones start. One more idle period later it is closed outright.
+    async fn serve<S, B>(
+        mut self,
+        builder: auto::Builder<TokioExecutor>,
+        stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        service: S,
+    ) where
+        S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let mut conn = std::pin::pin!(conn);
+        let mut idle = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.limits.idle,
+            self.limits.idle,
+        );
+        let mut begun = 0;
+        let mut closing = false;
+        let ended = loop {
+            tokio::select! {
+                biased;
+                ended = conn.as_mut() => break ended,
+                _ = self.stop.wait_for(|&stop| stop), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = idle.tick() => {
+                    let now = self.activity.begun.load(Ordering::Relaxed);
+                    if now == begun && self.activity.open.load(Ordering::Relaxed) == 0 {
+                        // Asked to close and still open with nothing in flight (an HTTP/2
+                        // client that does not answer the GOAWAY's PING): close it.
+                        if closing {
+                            break Ok(());
+                        }
+                        tracing::debug!("closing an idle connection");
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    begun = now;
+                }
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        drop((self.permit, self.alive));
     }
 }
 
-/// Serves HTTP/1.1 or HTTP/2 on one connection, watched by the graceful shutdown. The
-/// connection permit, if any, is held until the connection closes.
-async fn serve_connection<S, B>(
-    builder: auto::Builder<TokioExecutor>,
-    stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    service: S,
-    watcher: Watcher,
-    permit: Option<OwnedSemaphorePermit>,
-) where
-    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let conn = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, "connection ended with an error");
+/// Requests begun on a connection, and those whose response is not finished.
+#[derive(Default)]
+struct Activity {
+    begun: AtomicU64,
+    open: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity::default())
     }
-    drop(permit);
+
+    /// Counts a request in until the returned guard is dropped.
+    fn open(self: &Arc<Activity>) -> Open {
+        self.begun.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Open(self.clone())
+    }
+}
+
+struct Open(Arc<Activity>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as open until it is dropped.
+    struct Counted<B> {
+        #[pin]
+        body: B,
+        open: Open,
+    }
+}
+
+impl<B> Counted<B> {
+    fn new(body: B, open: Open) -> Counted<B> {
+        Counted { body, open }
+    }
+}
+
+impl<B: Body> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }

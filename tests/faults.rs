@@ -554,3 +554,50 @@ async fn idle_connections_and_slowloris_do_not_stop_the_proxy_serving() {
     drop(idle);
     still_serves(&proxy).await;
 }
+
+/// Connections that never make a request: one silent, one that stops inside HTTP/2's
+/// connection preface, one that finishes the preface and its settings and opens no stream.
+/// Each is closed within its time limit and gives its slot back, so a client that holds
+/// `max_connections` of them cannot keep everyone else out.
+#[tokio::test]
+async fn connections_that_never_make_a_request_are_closed_and_free_their_slots() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config_with(&mock, "").replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\nheader_read_timeout = \"1s\"\nidle_timeout = \"1s\"\nmax_connections = 3",
+    ));
+    let silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut split_preface = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    split_preface.write_all(b"PR").await.unwrap();
+    let mut h2_idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    h2_idle
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+    h2_idle
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    for (name, mut conn) in [
+        ("silent", silent),
+        ("split preface", split_preface),
+        ("HTTP/2 without streams", h2_idle),
+    ] {
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "the {name} connection was still open after {:?}",
+            started.elapsed()
+        );
+    }
+    // Every slot is free again: the three limits' worth of clients can be served.
+    for _ in 0..3 {
+        still_serves(&proxy).await;
+    }
+}

@@ -58,9 +58,12 @@ SCENARIOS = [
     ("chat, 1 connection", ["-c", "1"], CHAT, [], "latency"),
     ("chat, 32 connections", ["-c", "32"], CHAT, [], "throughput"),
     ("chat, 500 req/s", ["-c", "32", "-q", "500", "--latency-correction"], CHAT, [], "latency"),
+    ("chat, 1000 req/s", ["-c", "32", "-q", "1000", "--latency-correction"], CHAT, [], "latency"),
     ("chat, 2000 req/s", ["-c", "64", "-q", "2000", "--latency-correction"], CHAT, [], "latency"),
     ("stream 50 chunks, 1 conn", ["-c", "1"], CHAT_STREAM, ["x-mock-chunks: 50"], "stream"),
     ("stream 50 chunks, 32 conn", ["-c", "32"], CHAT_STREAM, ["x-mock-chunks: 50"], "stream"),
+    ("stream 50 chunks, 200/s", ["-c", "32", "-q", "200", "--latency-correction"], CHAT_STREAM,
+     ["x-mock-chunks: 50"], "stream"),
     ("1 KB prompt, 1 conn", ["-c", "1"], prompt_of(1024), [], "latency"),
     ("1 MB prompt, 1 conn", ["-c", "1"], prompt_of(1 << 20), [], "latency"),
 ]
