@@ -107,6 +107,9 @@ pub struct ServerConfig {
     /// A client must send its request headers within this time.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Longest wait for the next part of a request body; past it the request gets 408.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// A connection with no request open and none begun for this long is closed
     /// gracefully (HTTP/1.1 keep-alive connections already at `header_read_timeout`).
     #[serde(with = "humantime_serde")]
@@ -126,6 +129,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             max_connections: 10_000,
@@ -651,6 +655,7 @@ impl Config {
                 self.server.header_read_timeout,
             ),
             ("server.idle_timeout", self.server.idle_timeout),
+            ("server.body_read_timeout", self.server.body_read_timeout),
             ("storage.snapshot_interval", self.storage.snapshot_interval),
         ] {
             if d.is_zero() {
@@ -824,6 +829,7 @@ impl Config {
         keep!("server.tls", server.tls);
         keep!("server.max_connections", server.max_connections);
         keep!("server.header_read_timeout", server.header_read_timeout);
+        keep!("server.idle_timeout", server.idle_timeout);
         keep!("server.shutdown_grace", server.shutdown_grace);
         keep!("admin.listen", admin.listen);
         keep!("storage.dir", storage.dir);

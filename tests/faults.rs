@@ -88,6 +88,94 @@ async fn an_unreachable_upstream_gets_502_in_the_providers_shape() {
     assert_eq!(status, 200);
 }
 
+/// A provider that takes longer than `connect_timeout` to connect, in TCP (a listener
+/// whose accept queue is full drops further handshakes) or in TLS (a listener that accepts
+/// and never answers the ClientHello), gets 504 within that limit, not 502 and not after
+/// the five-minute first-byte limit.
+#[tokio::test]
+async fn a_connect_past_its_limit_gets_504_in_the_providers_shape() {
+    // TCP: fill the accept queue of a listener that never accepts.
+    let full = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let full_addr = full.local_addr().unwrap();
+    let mut queued = Vec::new();
+    while queued.len() < 4096 {
+        match std::net::TcpStream::connect_timeout(&full_addr, Duration::from_millis(200)) {
+            Ok(conn) => queued.push(conn),
+            Err(_) => break,
+        }
+    }
+    // TLS: TCP connects, the handshake never finishes.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let held = std::thread::spawn(move || {
+        let conn = silent.accept();
+        let _ = wait.recv();
+        drop(conn);
+    });
+
+    let mock = Mock::start();
+    let config = config_with(
+        &mock,
+        "connect_timeout = \"1s\"\nfirst_byte_timeout = \"60s\"",
+    )
+    .replacen(&mock.url(), &format!("http://{full_addr}"), 1)
+    .replacen(&mock.url(), &format!("https://{silent_addr}"), 1);
+    let proxy = Proxy::start(&config);
+
+    let started = Instant::now();
+    let (status, h, b) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        CHAT,
+    )
+    .await;
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&b));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(h.get("x-tokenwarden-request-id").is_some());
+    let v = json(&b);
+    assert_eq!(v["error"]["type"], "server_error");
+    assert_eq!(v["error"]["code"], "upstream_timeout");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("within 1s"),
+        "{v}"
+    );
+
+    let started = Instant::now();
+    let (status, _, b) = post_json(
+        &proxy.url("/anthropic/v1/messages"),
+        &[("x-api-key", KEY_A)],
+        r#"{"model":"claude-sonnet-4-6","max_tokens":10,"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&b));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(json(&b)["error"]["type"], "timeout_error");
+
+    let metrics = proxy.metrics_text().await;
+    let timeouts: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("tokenwarden_requests_total{") && l.contains("outcome=\"timeout\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(timeouts, 2.0, "{metrics}");
+    drop((queued, done));
+    held.join().unwrap();
+}
+
 #[tokio::test]
 async fn a_reset_before_headers_gets_502() {
     let mock = Mock::start();
@@ -552,6 +640,58 @@ async fn idle_connections_and_slowloris_do_not_stop_the_proxy_serving() {
         "the slow client's connection was not closed"
     );
     drop(idle);
+    still_serves(&proxy).await;
+}
+
+/// A client that stops sending its body halfway gets 408 in the provider's shape once
+/// `body_read_timeout` passes with nothing new, whether the body is JSON (read whole
+/// before anything goes upstream) or an upload streamed to the provider; nothing hangs.
+#[tokio::test]
+async fn a_body_that_stalls_gets_408_and_nothing_hangs() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config_with(&mock, "").replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\nbody_read_timeout = \"1s\"",
+    ));
+    for (content_type, path) in [
+        ("application/json", "/openai/v1/chat/completions"),
+        ("application/octet-stream", "/openai/v1/files"),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY_A}\r\n\
+             content-type: {content_type}\r\ncontent-length: 100\r\n\r\n{{\"model\":"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
+        assert!(
+            read.is_ok(),
+            "{content_type}: no answer after {:?}",
+            started.elapsed()
+        );
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "{content_type}: {answer}"
+        );
+        assert!(
+            answer.contains("\"code\":\"request_timeout\""),
+            "{content_type}: {answer}"
+        );
+        assert!(
+            answer.contains("x-tokenwarden-request-id"),
+            "{content_type}: {answer}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+    }
     still_serves(&proxy).await;
 }
 

@@ -15,6 +15,7 @@ pub fn error_body(class: ErrorClass, message: &str) -> Bytes {
         ErrorClass::Unavailable => "overloaded_error",
         ErrorClass::UpstreamUnreachable => "api_error",
         ErrorClass::UpstreamTimeout => "timeout_error",
+        ErrorClass::RequestTimeout => "invalid_request_error",
         ErrorClass::BudgetExhausted => "billing_error",
         ErrorClass::PermissionDenied | ErrorClass::Paused => "permission_error",
         ErrorClass::RateLimited => "rate_limit_error",

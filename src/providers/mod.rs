@@ -37,6 +37,8 @@ pub enum ErrorClass {
     Unavailable,
     UpstreamUnreachable,
     UpstreamTimeout,
+    /// The client stopped sending its request body (408).
+    RequestTimeout,
     /// A budget is spent (402; SDKs must not retry).
     BudgetExhausted,
     /// Policy forbids it: a model not on the allow-list, a stopped run (403).
@@ -57,6 +59,7 @@ impl ErrorClass {
             ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorClass::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ErrorClass::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorClass::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorClass::BudgetExhausted => StatusCode::PAYMENT_REQUIRED,
             ErrorClass::PermissionDenied | ErrorClass::Paused => StatusCode::FORBIDDEN,
             ErrorClass::RateLimited => StatusCode::TOO_MANY_REQUESTS,

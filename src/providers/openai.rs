@@ -15,6 +15,7 @@ pub fn error_body(class: ErrorClass, reason: &str, message: &str) -> Bytes {
         ErrorClass::Unavailable => ("server_error", "service_unavailable"),
         ErrorClass::UpstreamUnreachable => ("server_error", "upstream_unreachable"),
         ErrorClass::UpstreamTimeout => ("server_error", "upstream_timeout"),
+        ErrorClass::RequestTimeout => ("invalid_request_error", "request_timeout"),
         ErrorClass::BudgetExhausted => ("insufficient_quota", "budget_exceeded"),
         // Several refusals share the status: the code says which.
         ErrorClass::PermissionDenied => ("invalid_request_error", reason),

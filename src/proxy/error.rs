@@ -31,6 +31,10 @@ pub enum ProxyError {
     UpstreamClosed { provider: String },
     #[error("provider {provider} sent no response within {timeout}")]
     FirstByteTimeout { provider: String, timeout: String },
+    #[error("could not connect to provider {provider} within {timeout}")]
+    ConnectTimeout { provider: String, timeout: String },
+    #[error("the request body stalled: nothing came for {timeout}")]
+    BodyTimeout { timeout: String },
     #[error("invalid upstream request")]
     BadUpstreamRequest,
     #[error("the audit log cannot be written ({0}); requests are refused until it can")]
@@ -74,7 +78,10 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamClosed { .. } => {
                 ErrorClass::UpstreamUnreachable
             }
-            ProxyError::FirstByteTimeout { .. } => ErrorClass::UpstreamTimeout,
+            ProxyError::FirstByteTimeout { .. } | ProxyError::ConnectTimeout { .. } => {
+                ErrorClass::UpstreamTimeout
+            }
+            ProxyError::BodyTimeout { .. } => ErrorClass::RequestTimeout,
             ProxyError::BudgetExhausted(_) => ErrorClass::BudgetExhausted,
             ProxyError::ModelNotAllowed(_) | ProxyError::RunStopped(_) => {
                 ErrorClass::PermissionDenied
@@ -93,7 +100,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamClosed { .. } => {
                 "upstream_error"
             }
-            ProxyError::FirstByteTimeout { .. } => "timeout",
+            ProxyError::FirstByteTimeout { .. } | ProxyError::ConnectTimeout { .. } => "timeout",
             _ => "rejected",
         }
     }
@@ -110,6 +117,8 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamClosed { .. } => "upstream_closed",
             ProxyError::FirstByteTimeout { .. } => "upstream_timeout",
+            ProxyError::ConnectTimeout { .. } => "upstream_connect_timeout",
+            ProxyError::BodyTimeout { .. } => "body_timeout",
             ProxyError::BadUpstreamRequest => "bad_upstream_request",
             ProxyError::AuditUnavailable(_) => "audit_unavailable",
             ProxyError::StoreUnavailable => "store_unavailable",

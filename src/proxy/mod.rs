@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::admin::auth::AdminTokens;
 use crate::audit::AuditLog;
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, ServerConfig, UpstreamConfig};
 use crate::guard::anomaly::{Anomalies, AnomalySettings};
 use crate::guard::runs::{self, Runs, Verdict};
 use crate::guard::{Guards, Switches};
@@ -45,12 +45,12 @@ use crate::metrics::Metrics;
 use crate::providers::openai;
 use crate::providers::{Provider, ProviderError, ProviderKind, Router};
 use admit::Policies;
-use connect::TcpConnector;
+use connect::{Bounded, TcpConnector};
 use error::{error_response, ProxyError, REQUEST_ID_HEADER};
 use settle::Settlement;
 use strip::StripUsage;
 use tap::{StreamLimits, TapBody};
-use upload::{TooLarge, Upload};
+use upload::{Stalled, TooLarge, Upload};
 
 /// What the proxy sends upstream: a body read whole (JSON, which the proxy may need to
 /// read) or a streamed one (uploads), both bounded by `max_body_bytes`.
@@ -62,7 +62,7 @@ pub type Tapped = TapBody<FromUpstream, Box<Settlement>>;
 /// A provider's response body as it arrives: from hyper's client (TLS, HTTP/2) or from
 /// the plain-TCP HTTP/1.1 client.
 pub type FromUpstream = Either<Incoming, h1::H1Body>;
-pub type UpstreamClient = Client<HttpsConnector<TcpConnector>, UpstreamBody>;
+pub type UpstreamClient = Client<Bounded<HttpsConnector<TcpConnector>>, UpstreamBody>;
 
 /// Everything derived from one version of the config; swapped whole on reload.
 #[derive(Debug)]
@@ -211,6 +211,10 @@ impl UpstreamError {
             UpstreamError::Plain(e) => e.is_connect(),
         }
     }
+
+    fn is_connect_timeout(&self) -> bool {
+        matches!(self, UpstreamError::Plain(h1::Error::ConnectTimeout))
+    }
 }
 
 impl Upstreams {
@@ -257,7 +261,10 @@ fn build_client(cfg: &UpstreamConfig) -> UpstreamClient {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-        .build(https)
+        .build(Bounded {
+            inner: https,
+            limit: cfg.connect_timeout,
+        })
 }
 
 /// A fresh request id: 64 random bits, hex. Its bytes are shared from the start, so the
@@ -398,7 +405,7 @@ async fn forward(
 
     let (mut parts, body) = req.into_parts();
     let limit = live.config.server.max_body_bytes;
-    let (body, json, rest) = read_body(&parts.headers, body, limit)
+    let (body, json, rest) = read_body(&parts.headers, body, &live.config.server)
         .await
         .map_err(&reject)?;
     let parsed = json.as_deref().and_then(crate::providers::read_fields);
@@ -552,11 +559,11 @@ async fn forward(
     {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
-            let error = classify_upstream_error(&e, provider, limit);
+            let error = classify_upstream_error(&e, provider, &live.config);
             if let (ProxyError::BodyTooLarge { .. }, Some(rest)) = (&error, rest) {
                 rest.drain(limit);
             }
-            if error.outcome() == "upstream_error" {
+            if error.outcome() != "rejected" {
                 settle_failed(state, &agent, ticket);
             }
             return Err(reject(error));
@@ -744,8 +751,9 @@ fn usd_value(nanos: u64) -> HeaderValue {
 async fn read_body(
     headers: &HeaderMap,
     body: Incoming,
-    limit: u64,
+    server: &ServerConfig,
 ) -> Result<(UpstreamBody, Option<Bytes>, Option<upload::Rest>), ProxyError> {
+    let limit = server.max_body_bytes;
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -753,7 +761,7 @@ async fn read_body(
     if declared.is_some_and(|len| len > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    let (upload, rest) = Upload::new(body, limit);
+    let (upload, rest) = Upload::new(body, limit, server.body_read_timeout);
     if !is_json(headers) {
         return Ok((Either::Right(upload), None, Some(rest)));
     }
@@ -770,6 +778,9 @@ async fn read_body(
             rest.drain(limit);
             Err(ProxyError::BodyTooLarge { limit })
         }
+        Err(e) if e.is::<Stalled>() => Err(ProxyError::BodyTimeout {
+            timeout: humantime::format_duration(server.body_read_timeout).to_string(),
+        }),
         Err(_) => Err(ProxyError::BodyRead),
     }
 }
@@ -836,17 +847,37 @@ fn contains_encoded_separator(segment: &[u8]) -> bool {
     })
 }
 
-fn classify_upstream_error(error: &UpstreamError, provider: &Provider, limit: u64) -> ProxyError {
+fn classify_upstream_error(
+    error: &UpstreamError,
+    provider: &Provider,
+    config: &Config,
+) -> ProxyError {
+    let mut timed_out = false;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
         if e.is::<TooLarge>() {
-            return ProxyError::BodyTooLarge { limit };
+            return ProxyError::BodyTooLarge {
+                limit: config.server.max_body_bytes,
+            };
         }
+        if e.is::<Stalled>() {
+            return ProxyError::BodyTimeout {
+                timeout: humantime::format_duration(config.server.body_read_timeout).to_string(),
+            };
+        }
+        timed_out |= e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
         source = e.source();
     }
     tracing::warn!(provider = &*provider.name, error = %ErrorChain(error), "upstream request failed");
     let provider = provider.name.to_string();
-    if error.is_connect() {
+    if error.is_connect() && (timed_out || error.is_connect_timeout()) {
+        ProxyError::ConnectTimeout {
+            provider,
+            timeout: humantime::format_duration(config.upstream.connect_timeout).to_string(),
+        }
+    } else if error.is_connect() {
         ProxyError::UpstreamUnreachable { provider }
     } else {
         ProxyError::UpstreamClosed { provider }

@@ -5,6 +5,7 @@
 //! writing, would get a reset before it could read the answer; so the rest of the body
 //! is read and dropped for a bounded time and size first (a lingering close).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -14,11 +15,17 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::time::Sleep;
 
 /// The body ran past the limit.
 #[derive(Debug, thiserror::Error)]
 #[error("request body over the size limit")]
 pub struct TooLarge;
+
+/// Nothing of the body came for the configured time (`server.body_read_timeout`).
+#[derive(Debug, thiserror::Error)]
+#[error("request body stalled")]
+pub struct Stalled;
 
 /// Longest the rest of an oversized body is read after the 413.
 const DRAIN_FOR: Duration = Duration::from_secs(5);
@@ -34,19 +41,24 @@ pub struct Upload {
     inner: Shared,
     seen: u64,
     limit: u64,
+    /// Longest wait for the next frame, and the timer of the wait under way.
+    gap: Duration,
+    waiting: Option<Pin<Box<Sleep>>>,
 }
 
 /// What is left of an upload, to drain after answering 413.
 pub struct Rest(Shared);
 
 impl Upload {
-    pub fn new(body: Incoming, limit: u64) -> (Upload, Rest) {
+    pub fn new(body: Incoming, limit: u64, gap: Duration) -> (Upload, Rest) {
         let inner = Arc::new(Mutex::new(Some(body)));
         (
             Upload {
                 inner: inner.clone(),
                 seen: 0,
                 limit,
+                gap,
+                waiting: None,
             },
             Rest(inner),
         )
@@ -89,7 +101,20 @@ impl Body for Upload {
         let Some(body) = guard.as_mut() else {
             return Poll::Ready(Some(Err(Box::new(TooLarge))));
         };
-        match Pin::new(body).poll_frame(cx) {
+        let polled = Pin::new(body).poll_frame(cx);
+        drop(guard);
+        if polled.is_pending() {
+            let gap = self.gap;
+            let waiting = self
+                .waiting
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+            if waiting.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Err(Box::new(Stalled))));
+            }
+            return Poll::Pending;
+        }
+        self.waiting = None;
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.seen += data.len() as u64;
