@@ -255,6 +255,43 @@ async fn every_framing_of_a_response_body_arrives_whole() {
     assert!(!text.contains(KEY_A), "{text}");
 }
 
+/// The upstream's HTTP version is its connection's business: a client speaking HTTP/1.1
+/// gets HTTP/1.1 answers on a connection that stays open, even from an HTTP/1.0 upstream.
+#[tokio::test]
+async fn an_http_1_0_upstream_does_not_make_the_client_connection_http_1_0() {
+    let upstream = Scripted::start(vec![
+        closing(b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"a\":1}"),
+        closing(b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"b\":2}"),
+    ])
+    .await;
+    let proxy = Proxy::start(&config_for(&upstream));
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+    for body in ["{\"a\":1}", "{\"b\":2}"] {
+        let head = format!(
+            "GET /openai/v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY_A}\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // The answer's body comes chunked (its length was unknown): read to its last chunk.
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while find(&answer, b"\r\n0\r\n\r\n").is_none() {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(
+            !text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+        assert!(text.contains(body), "{text}");
+    }
+}
+
 #[tokio::test]
 async fn a_kept_alive_connection_serves_the_next_request_and_a_closed_one_does_not() {
     // After b and after c the upstream closes the idle connection, as servers with a

@@ -579,6 +579,9 @@ async fn forward(
     let headers_at = Instant::now();
 
     let (mut parts, body) = response.into_parts();
+    // Nor does the upstream's say anything about the client's: an HTTP/1.0 upstream would
+    // otherwise make hyper answer an HTTP/1.1 client in HTTP/1.0 and close its connection.
+    parts.version = http::Version::HTTP_11;
     headers::strip_hop_by_hop(&mut parts.headers);
     parts
         .headers
