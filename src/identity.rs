@@ -52,10 +52,17 @@ impl Identities {
         Identities { agents }
     }
 
-    /// The agent whose key the request carries, if any. Every digest is compared, with no
+    /// The agent whose key the request carries, if any: the Bearer token's, else the
+    /// `x-api-key` header's (a client may send both, e.g. a Basic `Authorization` for a
+    /// gateway in front and the key in `x-api-key`). Every digest is compared, with no
     /// early exit, so the time taken does not depend on which agent (if any) matched.
     pub fn identify(&self, headers: &HeaderMap) -> Option<Arc<Agent>> {
-        let key = presented_key(headers)?;
+        bearer_token(headers)
+            .and_then(|key| self.holder_of(key))
+            .or_else(|| self.holder_of(api_key(headers)?))
+    }
+
+    fn holder_of(&self, key: &[u8]) -> Option<Arc<Agent>> {
         let digest = words(Sha256::digest(key).into());
         let mut found = None;
         for (candidate, agent) in &self.agents {
@@ -94,18 +101,18 @@ fn words(digest: [u8; 32]) -> [u64; 4] {
     words
 }
 
-/// The credential the client sent: a Bearer token (OpenAI SDKs, Anthropic SDK 2.x) or an
-/// `x-api-key` header (Anthropic SDK 1.x).
-fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(value) = headers.get(AUTHORIZATION) {
-        let bytes = value.as_bytes();
-        let scheme = bytes.get(..7)?;
-        if scheme.eq_ignore_ascii_case(b"bearer ") {
-            let token = bytes[7..].trim_ascii();
-            return (!token.is_empty()).then_some(token);
-        }
+/// The Bearer token the client sent (OpenAI SDKs, Anthropic SDK 2.x).
+fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let bytes = headers.get(AUTHORIZATION)?.as_bytes();
+    if !bytes.get(..7)?.eq_ignore_ascii_case(b"bearer ") {
         return None;
     }
+    let token = bytes[7..].trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// The `x-api-key` header the client sent (Anthropic SDK 1.x).
+fn api_key(headers: &HeaderMap) -> Option<&[u8]> {
     let token = headers.get(X_API_KEY)?.as_bytes().trim_ascii();
     (!token.is_empty()).then_some(token)
 }

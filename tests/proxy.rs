@@ -282,6 +282,32 @@ async fn unknown_or_missing_keys_get_401_in_the_providers_shape() {
     );
 }
 
+/// A client may send a credential for something else in `Authorization` (a Basic login
+/// for a gateway in front, a stale token) and its key in `x-api-key`: the key is found,
+/// and neither credential reaches the provider.
+#[tokio::test]
+async fn a_key_in_x_api_key_counts_beside_another_authorization() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&mock));
+    for other in ["Basic Zm9vOmJhcg==", "Bearer tw-something-else"] {
+        let (status, _, b) = post_json(
+            &proxy.url("/openai/v1/chat/completions"),
+            &[("authorization", other), ("x-api-key", KEY_A)],
+            endpoints()[0].2,
+        )
+        .await;
+        assert_eq!(status, 200, "{other}: {}", String::from_utf8_lossy(&b));
+        let seen = mock.last_request().await.to_string();
+        assert!(seen.contains(&format!("Bearer {OPENAI_KEY}")), "{seen}");
+        for secret in [other, KEY_A] {
+            assert!(
+                !seen.contains(secret),
+                "{secret} reached the provider: {seen}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn oversized_bodies_get_413_declared_or_streamed() {
     let mock = Mock::start();
