@@ -520,9 +520,21 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigErrors {
-            problems: vec![e.to_string().trim_end().replace('\n', "\n  ")],
-        })?;
+        let mut config: Config = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let detail = e.into_inner().to_string();
+                let detail = detail.trim_end().replace('\n', "\n  ");
+                // A syntax error has no field to name; its line and column say where.
+                let problem = if path == "." {
+                    detail
+                } else {
+                    format!("{path}: {detail}")
+                };
+                ConfigErrors {
+                    problems: vec![problem],
+                }
+            })?;
         config.validate()?;
         config.base_pricing = builtin_pricing();
         Ok(config)
@@ -893,6 +905,9 @@ fn check_base_url(url: &str) -> Result<(), &'static str> {
     if uri.query().is_some() {
         return Err("must not carry a query string");
     }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("must not carry a user or password (name the key's variable in api_key_env)");
+    }
     Ok(())
 }
 
@@ -905,6 +920,12 @@ fn check_prefix(prefix: &str) -> Result<(), &'static str> {
     }
     if prefix.split('/').any(|seg| seg == "." || seg == "..") {
         return Err("must not contain . or .. segments");
+    }
+    if prefix
+        .bytes()
+        .any(|b| b == b'?' || b == b'#' || b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err("must be a path: no ?, #, spaces or control characters");
     }
     Ok(())
 }
@@ -1019,6 +1040,36 @@ key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
             );
         }
         assert_eq!(err.problems.len(), want.len(), "{err}");
+    }
+
+    #[test]
+    fn a_base_url_with_credentials_or_a_prefix_that_is_no_path_is_refused() {
+        for (from, to, field) in [
+            (
+                "base_url = \"https://api.openai.com\"",
+                "base_url = \"https://user:sk-secret@api.openai.com\"",
+                "providers[0].base_url: must not carry a user or password",
+            ),
+            (
+                "prefix = \"/openai\"",
+                "prefix = \"/openai?x=1\"",
+                "providers[0].prefix: must be a path",
+            ),
+            (
+                "prefix = \"/openai\"",
+                "prefix = \"/open ai\"",
+                "providers[0].prefix: must be a path",
+            ),
+        ] {
+            let text = minimal().replace(from, to);
+            assert_ne!(text, minimal());
+            let err = Config::parse(&text).unwrap_err();
+            assert!(
+                err.problems.iter().any(|p| p.starts_with(field)),
+                "{to}: {err}"
+            );
+            assert!(!err.to_string().contains("sk-secret"), "{err}");
+        }
     }
 
     #[test]

@@ -190,11 +190,16 @@ fn run_other(cli: Cli) -> anyhow::Result<()> {
         Command::Keys {
             command: KeysCommand::New { agent },
         } => {
+            if agent.is_empty() {
+                anyhow::bail!("--agent: an agent id must not be empty");
+            }
             let key = tokenwarden::identity::new_virtual_key();
             let digest = tokenwarden::identity::key_digest_hex(&key);
+            // Quoted as TOML quotes it, so the line pastes into the config as it is.
+            let id = toml::Value::String(agent).to_string();
             say(&format!(
-                "virtual key for agent {agent:?} (shown once, store it now):\n  {key}\n\n\
-                 add to the config:\n  [[agents]]\n  id = {agent:?}\n  key_sha256 = \"{digest}\""
+                "virtual key for agent {id} (shown once, store it now):\n  {key}\n\n\
+                 add to the config:\n  [[agents]]\n  id = {id}\n  key_sha256 = \"{digest}\""
             ));
             Ok(())
         }

@@ -121,10 +121,9 @@ fn redis_ledger(
     };
     let password = match &config.storage.redis_password_env {
         None => None,
-        Some(env) => Some(
-            lookup_env(env)
-                .ok_or_else(|| anyhow::anyhow!("storage.redis_password_env: {env} is not set"))?,
-        ),
+        Some(env) => Some(crate::secret::Secret::new(lookup_env(env).ok_or_else(
+            || anyhow::anyhow!("storage.redis_password_env: {env} is not set"),
+        )?)),
     };
     let settings = RedisSettings {
         url: url.clone(),

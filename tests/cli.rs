@@ -77,6 +77,18 @@ fn check_names_unknown_keys_and_bad_types() {
     let (ok, text) = check("[upstream]\nidle_timeout = \"soon\"\n");
     assert!(!ok);
     assert!(text.contains("idle_timeout"), "{text}");
+    // A value of the wrong type or an unknown variant is named by its whole path, with
+    // the line it is on.
+    let (ok, text) = check("[server]\nmax_body_bytes = \"big\"\n");
+    assert!(!ok);
+    assert!(text.contains("server.max_body_bytes: "), "{text}");
+    assert!(text.contains("line 2"), "{text}");
+    let (ok, text) = check(
+        "[[providers]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x\"\nprefix = \"/a\"\n\
+         [[providers]]\nname = \"b\"\nkind = \"openaii\"\n",
+    );
+    assert!(!ok);
+    assert!(text.contains("providers[1].kind: "), "{text}");
 }
 
 #[test]
@@ -98,4 +110,23 @@ fn keys_new_prints_a_key_and_its_config_line() {
     );
     assert!(text.contains("id = \"support-bot\""));
     assert!(key.len() >= 64, "a high-entropy key");
+
+    // Whatever the id holds, the printed lines paste into a config as they are.
+    let odd = "ops \"nightly\" \\ bot\u{1b}";
+    let out = Command::new(bin())
+        .args(["keys", "new", "--agent", odd])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let pasted = &text[text.find("[[agents]]").expect("config lines")..];
+    let parsed: toml::Value = toml::from_str(pasted).unwrap();
+    assert_eq!(parsed["agents"][0]["id"].as_str(), Some(odd), "{pasted}");
+
+    let out = Command::new(bin())
+        .args(["keys", "new", "--agent", ""])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--agent"));
 }

@@ -17,6 +17,7 @@
 //! When Redis cannot be reached the caller fails closed: admission errors, no request of
 //! a limited agent goes out, and the connection manager reconnects on the next call.
 
+use crate::secret::Secret;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -191,7 +192,7 @@ return 1
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     pub url: String,
-    pub password: Option<String>,
+    pub password: Option<Secret<String>>,
     /// Longest wait for one answer (or a connection) before failing closed.
     pub timeout: Duration,
     /// How long a hold outlives its request's admission at most: the longest a request
@@ -314,7 +315,10 @@ impl RedisLedger {
         let mut info: redis::ConnectionInfo =
             redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())?;
         if let Some(password) = &settings.password {
-            let redis_info = info.redis_settings().clone().set_password(password.clone());
+            let redis_info = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose().clone());
             info = info.set_redis_settings(redis_info);
         }
         let client = redis::Client::open(info)?;
