@@ -196,7 +196,10 @@ pub async fn run(
 
     match tokio::time::timeout(grace, all_closed.recv()).await {
         Ok(_) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!(grace = ?grace, "grace period over, closing open connections"),
+        Err(_) => {
+            tracing::warn!(grace = ?grace, "grace period over, closing open connections");
+            proxy::tap::grace_over();
+        }
     }
     heartbeat.abort();
     Ok(())

@@ -221,6 +221,58 @@ async fn an_upstream_dying_mid_stream_never_looks_like_a_clean_end() {
     still_serves(&proxy).await;
 }
 
+/// The same cut, to a client speaking HTTP/2: its stream is reset, not ended.
+#[tokio::test]
+async fn an_upstream_dying_mid_stream_resets_an_http2_clients_stream() {
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&mock));
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = request(
+        "POST",
+        &proxy.url("/openai/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &bearer(KEY_A)),
+            ("x-mock-chunks", "10"),
+            ("x-mock-fault", "drop-mid-stream"),
+        ],
+        CHAT_STREAM,
+    );
+    let response = h2.request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    let end = loop {
+        match body.frame().await {
+            None => break Ok(()),
+            Some(Ok(frame)) => {
+                text.extend_from_slice(frame.data_ref().map(|d| &d[..]).unwrap_or_default())
+            }
+            Some(Err(e)) => break Err(e),
+        }
+    };
+    let text = String::from_utf8(text).unwrap();
+    let error = end.expect_err("a cut stream ended cleanly over HTTP/2");
+    assert!(format!("{error:?}").contains("INTERNAL_ERROR"), "{error:?}");
+    // (Chunks before the cut may or may not arrive: a reset discards what HTTP/2 had
+    // queued for the stream and not yet sent. What must not arrive is a clean end.)
+    assert!(!text.contains("[DONE]"), "{text}");
+    // The connection itself is fine: the next request on it is served.
+    let req = request(
+        "POST",
+        &proxy.url("/openai/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &bearer(KEY_A)),
+        ],
+        CHAT,
+    );
+    assert_eq!(h2.request(req).await.unwrap().status(), 200);
+}
+
 #[tokio::test]
 async fn a_client_leaving_mid_stream_closes_the_upstream_at_once() {
     let mock = Mock::start();
@@ -315,6 +367,7 @@ async fn a_stream_past_the_total_limit_is_cut() {
     assert!(!bytes.is_empty(), "chunks before the limit arrived");
     assert!(started.elapsed() < Duration::from_secs(4));
     proxy.wait_for_log("end=\"total_timeout\"", 1).await;
+    still_serves(&proxy).await;
 }
 
 #[tokio::test]
@@ -368,6 +421,66 @@ async fn shutdown_lets_in_flight_streams_finish_and_refuses_new_connections() {
         std::net::TcpStream::connect(proxy.addr).is_err(),
         "still accepting"
     );
+}
+
+/// SIGINT as SIGTERM; a stream still running when the grace period ends is cut (never
+/// ended cleanly), and what it used is still settled and written to the audit log.
+#[tokio::test]
+async fn a_stream_outliving_the_grace_period_is_cut_and_still_audited() {
+    let mock = Mock::start();
+    let config = config(&mock).replace("shutdown_grace = \"10s\"", "shutdown_grace = \"1s\"");
+    let proxy = Proxy::start(&config);
+    let req = request(
+        "POST",
+        &proxy.url("/openai/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &bearer(KEY_A)),
+            ("x-mock-chunks", "100"),
+            ("x-mock-delay-ms", "100"),
+        ],
+        CHAT_STREAM,
+    );
+    let response = client().request(req).await.unwrap();
+    let mut body = response.into_body();
+    body.frame().await.unwrap().unwrap();
+
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &proxy.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let interrupted = Instant::now();
+    let mut text = Vec::new();
+    let end = loop {
+        match body.frame().await {
+            None => break Ok(()),
+            Some(Ok(frame)) => {
+                text.extend_from_slice(frame.data_ref().map(|d| &d[..]).unwrap_or_default())
+            }
+            Some(Err(e)) => break Err(e),
+        }
+    };
+    assert!(end.is_err(), "the stream cut at the deadline ended cleanly");
+    assert!(!String::from_utf8_lossy(&text).contains("[DONE]"));
+    let cut_after = interrupted.elapsed();
+    assert!(
+        cut_after >= Duration::from_millis(900) && cut_after < Duration::from_secs(5),
+        "cut {cut_after:?} after SIGINT, with a grace period of 1 s"
+    );
+
+    let mut proxy = proxy;
+    let exit = exit_within(&mut proxy, Duration::from_secs(10), "no exit after SIGINT").await;
+    assert!(exit.success(), "{exit:?}");
+    let lines = proxy.audit_lines();
+    let line = lines
+        .iter()
+        .find(|l| l["kind"] == "request")
+        .unwrap_or_else(|| panic!("no request line: {lines:?}"));
+    assert_eq!(line["outcome"], "shutdown", "{line}");
+    assert!(line["input_tokens"].as_u64().unwrap() > 0, "{line}");
+    assert!(line["output_tokens"].as_u64().unwrap() > 0, "{line}");
+    assert_eq!(line["estimated"], true, "{line}");
 }
 
 #[tokio::test]

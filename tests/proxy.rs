@@ -280,6 +280,14 @@ async fn unknown_or_missing_keys_get_401_in_the_providers_shape() {
         mock.requests().await.is_empty(),
         "a rejected request reached the provider"
     );
+    // And the next client with a good key is served.
+    let (status, _, _) = post_json(
+        &proxy.url("/openai/v1/chat/completions"),
+        &[("authorization", &bearer(KEY_A))],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
 }
 
 /// A client may send a credential for something else in `Authorization` (a Basic login

@@ -67,7 +67,7 @@ pub struct Record {
     pub method: Cow<'static, str>,
     pub path: Arc<str>,
     pub status: u16,
-    /// `ok`, `provider_error`, `upstream_error`, `timeout`, `client_gone`, `rejected`;
+    /// `ok`, `provider_error`, `upstream_error`, `timeout`, `client_gone`, `shutdown`, `rejected`;
     /// run lines: `stopped`, `warning`, `resumed`; admin lines: `ok`, `rejected`, `failed`.
     pub outcome: &'static str,
     /// Why, in a stable word: the stream's end or the rejection's reason.

@@ -204,6 +204,7 @@ pub fn outcome(end: StreamEnd, status: u16) -> &'static str {
         StreamEnd::UpstreamError => "upstream_error",
         StreamEnd::IdleTimeout | StreamEnd::TotalTimeout => "timeout",
         StreamEnd::ClientGone => "client_gone",
+        StreamEnd::Shutdown => "shutdown",
         StreamEnd::Stopped => "stopped",
     }
 }
@@ -353,7 +354,7 @@ impl Settlement {
             let ending = match (brake.and_then(|b| b.cut), end) {
                 (Some(condition), _) => Ending::Cut(condition),
                 (None, StreamEnd::Complete) if status < 400 => Ending::Ok,
-                (None, StreamEnd::ClientGone) => Ending::Ok,
+                (None, StreamEnd::ClientGone | StreamEnd::Shutdown) => Ending::Ok,
                 _ => Ending::UpstreamError,
             };
             let stopped = ticket.settle(usage.total(), usd_to_nanos(cost), ending);

@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub enum StreamEnd {
     TotalTimeout,
     /// The client went away before the end (the body was dropped unfinished).
     ClientGone,
+    /// The proxy shut down with the stream unfinished: the grace period ran out.
+    Shutdown,
     /// The proxy ended the stream itself (a run crossed a stop condition), closing the
     /// upstream after a last frame of its own.
     Stopped,
@@ -49,9 +52,20 @@ impl StreamEnd {
             StreamEnd::IdleTimeout => "idle_timeout",
             StreamEnd::TotalTimeout => "total_timeout",
             StreamEnd::ClientGone => "client_gone",
+            StreamEnd::Shutdown => "shutdown",
             StreamEnd::Stopped => "stopped",
         }
     }
+}
+
+/// Set once the shutdown's grace period is over: the streams dropped from then on are cut
+/// by the proxy, not left by their clients. One flag for the process, which serves one
+/// proxy and sets it only on its way out.
+static GRACE_OVER: AtomicBool = AtomicBool::new(false);
+
+/// Marks every stream still open as cut by the shutdown (see [`StreamEnd::Shutdown`]).
+pub fn grace_over() {
+    GRACE_OVER.store(true, Ordering::Relaxed);
 }
 
 /// What an observer wants after seeing a frame.
@@ -125,7 +139,12 @@ pin_project! {
             // settle (which may count tokens).
             this.inner.set(None);
             if let Some(observer) = this.observer.take() {
-                observer.on_end(StreamEnd::ClientGone);
+                let end = if GRACE_OVER.load(Ordering::Relaxed) {
+                    StreamEnd::Shutdown
+                } else {
+                    StreamEnd::ClientGone
+                };
+                observer.on_end(end);
             }
         }
     }
