@@ -235,6 +235,9 @@ pub struct UpstreamConfig {
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// PEM certificates trusted for `https://` providers besides the public roots (a
+    /// provider behind a private CA). Relative to the config file's directory.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -247,6 +250,7 @@ impl Default for UpstreamConfig {
             total_timeout: Duration::from_secs(30 * 60),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
+            ca_file: None,
         }
     }
 }
@@ -500,6 +504,9 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         if config.storage.dir.is_relative() {
             config.storage.dir = base.join(&config.storage.dir);
+        }
+        if let Some(file) = config.upstream.ca_file.as_mut().filter(|f| f.is_relative()) {
+            *file = base.join(&*file);
         }
         if let Some(file) = &config.metering.pricing_file {
             let file = base.join(file);
@@ -850,6 +857,7 @@ impl Config {
         keep!("storage.redis_timeout", storage.redis_timeout);
         keep!("storage.snapshot_interval", storage.snapshot_interval);
         keep!("upstream.connect_timeout", upstream.connect_timeout);
+        keep!("upstream.ca_file", upstream.ca_file);
         keep!("upstream.pool_idle_timeout", upstream.pool_idle_timeout);
         keep!(
             "upstream.pool_max_idle_per_host",

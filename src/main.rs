@@ -83,6 +83,12 @@ enum Command {
         /// Keep no log of requests (for load tests).
         #[arg(long)]
         no_record: bool,
+        /// Serve TLS (HTTP/2 and HTTP/1.1 by ALPN) with this PEM certificate chain...
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// ...and this PEM private key.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
     },
 }
 
@@ -220,16 +226,31 @@ fn run_other(cli: Cli) -> anyhow::Result<()> {
             state.audit.close();
             Ok(())
         }
-        Command::Mock { listen, no_record } => runtime()?.block_on(async move {
+        Command::Mock {
+            listen,
+            no_record,
+            tls_cert,
+            tls_key,
+        } => runtime()?.block_on(async move {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert_file), Some(key_file)) => {
+                    Some(server::tls_acceptor(&tokenwarden::config::TlsConfig {
+                        cert_file,
+                        key_file,
+                    })?)
+                }
+                _ => None,
+            };
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             say(&format!(
-                "mock provider listening on http://{}",
+                "mock provider listening on {}://{}",
+                if tls.is_some() { "https" } else { "http" },
                 listener.local_addr()?
             ));
             tokio::select! {
-                _ = tokenwarden::mock::Mock::new(!no_record).serve(listener) => {}
+                _ = tokenwarden::mock::Mock::new(!no_record).serve(listener, tls) => {}
                 _ = shutdown_signal() => {}
             }
             Ok(())
@@ -264,6 +285,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     if let Some(tls) = &live.config.server.tls {
         server::tls_acceptor(tls)?;
     }
+    tokenwarden::proxy::upstream_tls(&live.config.upstream)?;
     say(&format!(
         "{}: ok ({} providers, {} agents)",
         path.display(),

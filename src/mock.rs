@@ -68,6 +68,8 @@ const CREATED: u64 = 1_700_000_000;
 #[derive(Debug, Clone, Serialize)]
 pub struct SeenRequest {
     pub seq: u64,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
     pub method: String,
     pub path: String,
     pub query: Option<String>,
@@ -102,8 +104,8 @@ impl Mock {
         }
     }
 
-    /// Serves on `listener` until the task is dropped.
-    pub async fn serve(self, listener: TcpListener) {
+    /// Serves on `listener`, over TLS with `tls`, until the task is dropped.
+    pub async fn serve(self, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
         let builder = auto::Builder::new(TokioExecutor::new());
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -116,12 +118,30 @@ impl Mock {
                 let mock = mock.clone();
                 async move { mock.handle(req).await }
             });
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let builder = builder.clone();
+            match &tls {
+                None => {
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    tokio::spawn(async move {
+                        let Ok(Ok(stream)) =
+                            tokio::time::timeout(Duration::from_secs(10), handshake).await
+                        else {
+                            return;
+                        };
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            }
         }
     }
 
@@ -129,6 +149,7 @@ impl Mock {
         let Some(log) = &self.log else { return 0 };
         let seen = SeenRequest {
             seq: 0,
+            version: format!("{:?}", parts.version),
             method: parts.method.to_string(),
             path: parts.uri.path().to_owned(),
             query: parts.uri.query().map(str::to_owned),
@@ -740,7 +761,7 @@ pub async fn spawn(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let task = tokio::spawn(Mock::new(record).serve(listener));
+    let task = tokio::spawn(Mock::new(record).serve(listener, None));
     Ok((local, task))
 }
 

@@ -79,7 +79,7 @@ pub async fn start(
             .map(|k| k.expose().as_slice()),
         live.config.insights.redundancy_window,
     );
-    let state = AppState::new(live, metrics, audit, ledger, redis).with_overview(overview);
+    let state = AppState::new(live, metrics, audit, ledger, redis)?.with_overview(overview);
     if let Some(restored) = &restored {
         let standing = restored.aggregate.standing();
         let stopped = state.runs.restore(standing);

@@ -144,9 +144,9 @@ impl AppState {
         audit: Arc<AuditLog>,
         ledger: Arc<Ledger>,
         redis: Option<Arc<RedisLedger>>,
-    ) -> AppState {
-        let client = Upstreams::new(&live.config.upstream);
-        AppState {
+    ) -> anyhow::Result<AppState> {
+        let client = Upstreams::new(&live.config.upstream)?;
+        Ok(AppState {
             live: ArcSwap::from_pointee(live),
             client,
             metrics,
@@ -163,7 +163,7 @@ impl AppState {
             config_path: None,
             reloading: tokio::sync::Mutex::new(()),
             overview: crate::admin::overview::Overview::default(),
-        }
+        })
     }
 
     /// Lets `/admin/overview` report on the audit log in `dir`.
@@ -218,15 +218,15 @@ impl UpstreamError {
 }
 
 impl Upstreams {
-    fn new(cfg: &UpstreamConfig) -> Upstreams {
-        Upstreams {
-            tls: build_client(cfg),
+    fn new(cfg: &UpstreamConfig) -> anyhow::Result<Upstreams> {
+        Ok(Upstreams {
+            tls: build_client(cfg, upstream_tls(cfg)?),
             plain: h1::Client::new(h1::Settings {
                 connect_timeout: cfg.connect_timeout,
                 idle_timeout: cfg.pool_idle_timeout,
                 max_idle_per_host: cfg.pool_max_idle_per_host,
             }),
-        }
+        })
     }
 
     /// Sends a request; the response comes back once its head has arrived.
@@ -244,14 +244,39 @@ impl Upstreams {
     }
 }
 
-fn build_client(cfg: &UpstreamConfig) -> UpstreamClient {
+/// TLS to providers: the public (webpki) roots, and the certificates in
+/// `upstream.ca_file` if it is set.
+pub fn upstream_tls(cfg: &UpstreamConfig) -> anyhow::Result<rustls::ClientConfig> {
+    use anyhow::Context as _;
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(file) = &cfg.ca_file {
+        let what = || format!("upstream.ca_file {}", file.display());
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(file)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(what)?;
+        if certs.is_empty() {
+            anyhow::bail!("{}: no PEM certificate in it", what());
+        }
+        for cert in certs {
+            roots.add(cert).with_context(what)?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+fn build_client(cfg: &UpstreamConfig, tls: rustls::ClientConfig) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()

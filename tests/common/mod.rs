@@ -101,26 +101,50 @@ fn addr_in(line: &str, n: usize) -> SocketAddr {
 pub struct Mock {
     pub proc: Proc,
     pub addr: SocketAddr,
+    tls: bool,
     _dir: tempfile::TempDir,
 }
 
+/// The test certificate (for `localhost` and `127.0.0.1`) and its key.
+pub const TLS_CERT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls-cert.pem");
+pub const TLS_KEY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls-key.pem");
+
 impl Mock {
     pub fn start() -> Mock {
+        Mock::start_with(&["mock", "--listen", "127.0.0.1:0"], false)
+    }
+
+    /// The mock over TLS (HTTP/2 and HTTP/1.1 by ALPN), with the test certificate.
+    pub fn start_tls() -> Mock {
+        Mock::start_with(
+            &[
+                "mock",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls-cert",
+                TLS_CERT,
+                "--tls-key",
+                TLS_KEY,
+            ],
+            true,
+        )
+    }
+
+    fn start_with(args: &[&str], tls: bool) -> Mock {
         let dir = tempfile::tempdir().unwrap();
-        let (proc, line) = spawn_and_read_line(
-            &["mock", "--listen", "127.0.0.1:0"],
-            &[],
-            &dir.path().join("mock.log"),
-        );
+        let (proc, line) = spawn_and_read_line(args, &[], &dir.path().join("mock.log"));
+        assert_eq!(line.contains("https://"), tls, "{line}");
         Mock {
             addr: addr_in(&line, 0),
             proc,
+            tls,
             _dir: dir,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// What the mock has received so far.
@@ -389,10 +413,28 @@ key_sha256 = "{b}"
     )
 }
 
-pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+pub type TestClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// An HTTP/1.1 client for `http://` and `https://` URLs; over TLS it trusts only the test
+/// certificate.
 pub fn client() -> TestClient {
-    Client::builder(TokioExecutor::new()).build_http()
+    static TLS: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
+    let tls = TLS.get_or_init(|| {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    });
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 pub fn request(
