@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -326,7 +326,9 @@ impl Conn {
             tokio::time::Instant::now() + self.limits.idle,
             self.limits.idle,
         );
-        let mut begun = 0;
+        // The requests begun and finished at the last tick: idle means none open, and
+        // none begun or finished since, so a whole period without a request.
+        let mut seen = (0, 0);
         let mut closing = false;
         let ended = loop {
             tokio::select! {
@@ -337,8 +339,8 @@ impl Conn {
                     conn.as_mut().graceful_shutdown();
                 }
                 _ = idle.tick() => {
-                    let now = self.activity.begun.load(Ordering::Relaxed);
-                    if now == begun && self.activity.open.load(Ordering::Relaxed) == 0 {
+                    let now = self.activity.counts();
+                    if now == seen && now.0 == now.1 {
                         // Asked to close and still open with nothing in flight (an HTTP/2
                         // client that does not answer the GOAWAY's PING): close it.
                         if closing {
@@ -348,7 +350,7 @@ impl Conn {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }
-                    begun = now;
+                    seen = now;
                 }
             }
         };
@@ -359,11 +361,11 @@ impl Conn {
     }
 }
 
-/// Requests begun on a connection, and those whose response is not finished.
+/// Requests begun on a connection, and those whose response is done with.
 #[derive(Default)]
 struct Activity {
     begun: AtomicU64,
-    open: AtomicUsize,
+    finished: AtomicU64,
 }
 
 impl Activity {
@@ -371,11 +373,18 @@ impl Activity {
         Arc::new(Activity::default())
     }
 
-    /// Counts a request in until the returned guard is dropped.
+    /// Counts a request in; it is finished when the returned guard is dropped.
     fn open(self: &Arc<Activity>) -> Open {
         self.begun.fetch_add(1, Ordering::Relaxed);
-        self.open.fetch_add(1, Ordering::Relaxed);
         Open(self.clone())
+    }
+
+    /// (begun, finished); equal when no request is open.
+    fn counts(&self) -> (u64, u64) {
+        // `finished` first: a request that finishes between the two loads is then seen
+        // as still open, never the other way round.
+        let finished = self.finished.load(Ordering::Acquire);
+        (self.begun.load(Ordering::Acquire), finished)
     }
 }
 
@@ -383,7 +392,7 @@ struct Open(Arc<Activity>);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.finished.fetch_add(1, Ordering::Release);
     }
 }
 

@@ -756,6 +756,64 @@ async fn idle_connections_and_slowloris_do_not_stop_the_proxy_serving() {
     still_serves(&proxy).await;
 }
 
+/// A connection is idle only after a whole `idle_timeout` with no request open: one that
+/// just finished a long request is not closed under the client's next one.
+#[tokio::test]
+async fn a_connection_is_not_closed_as_idle_right_after_a_long_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config_with(&mock, "").replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\nidle_timeout = \"2s\"",
+    ));
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    /// Sends a request and reads until `done` says the answer is complete.
+    async fn exchange(
+        conn: &mut tokio::net::TcpStream,
+        headers: &str,
+        body: &str,
+        done: fn(&[u8]) -> bool,
+    ) -> String {
+        let head = format!(
+            "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: x\r\n\
+             authorization: Bearer {KEY_A}\r\ncontent-type: application/json\r\n{headers}\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 8192];
+        while !done(&answer) {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+    // About 3 s, across the first idle check.
+    let first = exchange(
+        &mut conn,
+        "x-mock-chunks: 30\r\nx-mock-delay-ms: 100\r\n",
+        CHAT_STREAM,
+        |a| a.ends_with(b"\r\n0\r\n\r\n"),
+    )
+    .await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(first.contains("[DONE]"), "{first}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Its head is enough.
+    let second = exchange(&mut conn, "", CHAT, |a| {
+        a.windows(4).any(|w| w == b"\r\n\r\n")
+    })
+    .await;
+    assert!(
+        second.starts_with("HTTP/1.1 200"),
+        "the connection was closed 1.2 s after its last answer: {second:?}"
+    );
+}
+
 /// A client that stops sending its body halfway gets 408 in the provider's shape once
 /// `body_read_timeout` passes with nothing new, whether the body is JSON (read whole
 /// before anything goes upstream) or an upload streamed to the provider; nothing hangs.

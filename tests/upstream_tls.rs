@@ -171,6 +171,10 @@ async fn over_tls_a_client_leaving_closes_the_upstream_and_an_upstream_dying_is_
     assert_eq!(seen["outcome"], "client_gone");
     assert!(seen["chunks_sent"].as_u64().unwrap() < 100, "{seen}");
 
+    // The provider resets its HTTP/2 stream after some chunks, which often reach the proxy
+    // together with the reset: the client still gets the answer's head and what came
+    // before the cut, then an error, never a clean end (and never no answer at all,
+    // which an SDK would retry).
     let response = client()
         .request(chat(
             &proxy,
@@ -178,7 +182,7 @@ async fn over_tls_a_client_leaving_closes_the_upstream_and_an_upstream_dying_is_
             CHAT_STREAM,
         ))
         .await
-        .unwrap();
+        .expect("the answer's head arrives before the cut");
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     let mut text = Vec::new();
@@ -193,6 +197,7 @@ async fn over_tls_a_client_leaving_closes_the_upstream_and_an_upstream_dying_is_
     };
     assert!(end.is_err(), "a cut stream ended cleanly");
     assert!(!String::from_utf8_lossy(&text).contains("[DONE]"));
+    proxy.wait_for_log("end=\"upstream_error\"", 1).await;
 
     let (status, _, _) = send(chat(&proxy, &[], CHAT)).await;
     assert_eq!(status, 200, "the pooled HTTP/2 connection serves on");
@@ -249,4 +254,66 @@ async fn an_unreadable_ca_file_stops_check_and_start_with_its_field() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("upstream.ca_file"), "{ca}: {err}");
     }
+}
+
+/// An upload streamed to an HTTP/2 provider that the client stops sending, or that runs
+/// past `max_body_bytes`, is the client's doing: 408 and 413, as over plain TCP, not a 502
+/// that blames the provider (hyper's HTTP/2 client reports such a body as its own reset).
+#[tokio::test]
+async fn a_stalled_or_oversized_upload_to_a_tls_provider_is_blamed_on_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = Mock::start_tls();
+    let proxy = Proxy::start(&tls_config(&mock, "").replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\nbody_read_timeout = \"1s\"",
+    ));
+    // Stalled: half of a declared length, then nothing.
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /openai/v1/files HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY_A}\r\n\
+         content-type: application/octet-stream\r\ncontent-length: 100\r\n\r\n0123456789"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+
+    // Oversized, with no length declared: chunks until past the limit (1 MiB here).
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>(4);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let req = http::Request::post(proxy.url("/openai/v1/files"))
+        .header("authorization", bearer(KEY_A))
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .unwrap();
+    let feeder = tokio::spawn(async move {
+        for _ in 0..40 {
+            let chunk = bytes::Bytes::from(vec![b'a'; 64 * 1024]);
+            if tx.send(Ok(http_body::Frame::data(chunk))).await.is_err() {
+                break;
+            }
+        }
+    });
+    let plain = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let response = plain.request(req).await.unwrap();
+    assert_eq!(response.status(), 413);
+    feeder.abort();
+
+    let metrics = proxy.metrics_text().await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("tokenwarden_requests_total{")
+                && l.contains("outcome=\"upstream_error\"")),
+        "{metrics}"
+    );
+    let (status, _, _) = send(chat(&proxy, &[], CHAT)).await;
+    assert_eq!(status, 200);
 }

@@ -584,7 +584,16 @@ async fn forward(
     {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
-            let error = classify_upstream_error(&e, provider, &live.config);
+            // An upload's own failure first: an HTTP/2 upstream client reports it as a
+            // reset stream of its own, which would blame the provider.
+            let error = match rest.as_ref().and_then(upload::Rest::failure) {
+                Some(upload::Failure::TooLarge) => ProxyError::BodyTooLarge { limit },
+                Some(upload::Failure::Stalled) => ProxyError::BodyTimeout {
+                    timeout: humantime::format_duration(live.config.server.body_read_timeout)
+                        .to_string(),
+                },
+                None => classify_upstream_error(&e, provider, &live.config),
+            };
             if let (ProxyError::BodyTooLarge { .. }, Some(rest)) = (&error, rest) {
                 rest.drain(limit);
             }
@@ -883,16 +892,6 @@ fn classify_upstream_error(
     let mut timed_out = false;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
-        if e.is::<TooLarge>() {
-            return ProxyError::BodyTooLarge {
-                limit: config.server.max_body_bytes,
-            };
-        }
-        if e.is::<Stalled>() {
-            return ProxyError::BodyTimeout {
-                timeout: humantime::format_duration(config.server.body_read_timeout).to_string(),
-            };
-        }
         timed_out |= e
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);

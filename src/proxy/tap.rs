@@ -130,6 +130,8 @@ pin_project! {
         observer: Option<O>,
         // The observer's last frame, sent before the stream ends early.
         last: Option<Bytes>,
+        // An upstream failure held back for one poll (see `poll_frame`).
+        failed: Option<BoxError>,
     }
 
     impl<B, O: Observer> PinnedDrop for TapBody<B, O> {
@@ -161,6 +163,7 @@ impl<B, O: Observer> TapBody<B, O> {
             last_frame: now,
             observer: Some(observer),
             last: None,
+            failed: None,
         }
     }
 }
@@ -191,6 +194,9 @@ where
             settle(this.observer, StreamEnd::Stopped);
             return Poll::Ready(Some(Ok(Frame::data(last))));
         }
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(TapError::Upstream(e))));
+        }
         let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
             return Poll::Ready(None);
         };
@@ -217,7 +223,15 @@ where
             }
             Poll::Ready(Some(Err(e))) => {
                 settle(this.observer, StreamEnd::UpstreamError);
-                Poll::Ready(Some(Err(TapError::Upstream(e.into()))))
+                // hyper's HTTP/1.1 server drops what it buffered but has not written yet
+                // when a body fails: the response head, frames that were ready together
+                // with the failure. A client then gets no answer at all, and an SDK
+                // retries a request the provider took (and may bill). Held back one
+                // poll, the failure comes after the server flushed, and the client sees
+                // the answer cut short where the provider cut it.
+                *this.failed = Some(e.into());
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
             Poll::Ready(None) => {
                 settle(this.observer, StreamEnd::Complete);

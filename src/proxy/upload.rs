@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,35 +31,59 @@ pub struct Stalled;
 /// Longest the rest of an oversized body is read after the 413.
 const DRAIN_FOR: Duration = Duration::from_secs(5);
 
-type Shared = Arc<Mutex<Option<Incoming>>>;
+/// What the upload and its [`Rest`] share: the client's body, and why the upload failed
+/// if it did. The reason is kept here because an HTTP/2 upstream client does not pass a
+/// body's error on (it resets the stream and reports its own).
+#[derive(Default)]
+struct Shared {
+    body: Mutex<Option<Incoming>>,
+    failed: AtomicU8,
+}
+
+const FAILED_TOO_LARGE: u8 = 1;
+const FAILED_STALLED: u8 = 2;
+
+/// Why an upload failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    TooLarge,
+    Stalled,
+}
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Option<Incoming>> {
     // Held only inside one poll; no invariant to break.
-    shared.lock().unwrap_or_else(|p| p.into_inner())
+    shared.body.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct Upload {
-    inner: Shared,
+    inner: Arc<Shared>,
     seen: u64,
     limit: u64,
-    /// Longest wait for the next frame, and the timer of the wait under way.
+    /// Longest wait for the client's next frame; the timer, made at the first wait; and
+    /// whether a wait is under way.
     gap: Duration,
-    waiting: Option<Pin<Box<Sleep>>>,
+    timer: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
 }
 
-/// What is left of an upload, to drain after answering 413.
-pub struct Rest(Shared);
+/// What is left of an upload: why it failed, and the rest of the body to drain after
+/// answering 413.
+pub struct Rest(Arc<Shared>);
 
 impl Upload {
     pub fn new(body: Incoming, limit: u64, gap: Duration) -> (Upload, Rest) {
-        let inner = Arc::new(Mutex::new(Some(body)));
+        let inner = Arc::new(Shared {
+            body: Mutex::new(Some(body)),
+            failed: AtomicU8::new(0),
+        });
         (
             Upload {
                 inner: inner.clone(),
                 seen: 0,
                 limit,
                 gap,
-                waiting: None,
+                timer: None,
+                waiting: false,
             },
             Rest(inner),
         )
@@ -66,6 +91,15 @@ impl Upload {
 }
 
 impl Rest {
+    /// Why the upload failed, if it did.
+    pub fn failure(&self) -> Option<Failure> {
+        match self.0.failed.load(Ordering::Relaxed) {
+            FAILED_TOO_LARGE => Some(Failure::TooLarge),
+            FAILED_STALLED => Some(Failure::Stalled),
+            _ => None,
+        }
+    }
+
     /// Reads and drops the rest of the body (at most four times the limit, for at most a
     /// few seconds), so that the client can finish writing and read the answer.
     pub fn drain(self, limit: u64) {
@@ -88,9 +122,23 @@ impl Rest {
     }
 }
 
+impl Upload {
+    /// Records why the upload failed, for [`Rest::failure`], and fails with `error`.
+    fn fail<E: std::error::Error + Send + Sync + 'static>(
+        &self,
+        why: u8,
+        error: E,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.inner.failed.store(why, Ordering::Relaxed);
+        Poll::Ready(Some(Err(Box::new(error))))
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for Upload {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -103,30 +151,36 @@ impl Body for Upload {
         };
         let polled = Pin::new(body).poll_frame(cx);
         drop(guard);
-        if polled.is_pending() {
-            let gap = self.gap;
-            let waiting = self
-                .waiting
+        let this = &mut *self;
+        let Poll::Ready(polled) = polled else {
+            // Nothing from the client: the wait for its next frame is timed (one timer
+            // per upload, set again at each wait).
+            let gap = this.gap;
+            let timer = this
+                .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
-            if waiting.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Some(Err(Box::new(Stalled))));
+            if !this.waiting {
+                this.waiting = true;
+                timer.as_mut().reset(tokio::time::Instant::now() + gap);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return this.fail(FAILED_STALLED, Stalled);
             }
             return Poll::Pending;
-        }
-        self.waiting = None;
+        };
+        this.waiting = false;
         match polled {
-            Poll::Ready(Some(Ok(frame))) => {
+            Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
-                    self.seen += data.len() as u64;
-                    if self.seen > self.limit {
-                        return Poll::Ready(Some(Err(Box::new(TooLarge))));
+                    this.seen += data.len() as u64;
+                    if this.seen > this.limit {
+                        return this.fail(FAILED_TOO_LARGE, TooLarge);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            None => Poll::Ready(None),
         }
     }
 
