@@ -240,7 +240,10 @@ async fn an_upstream_dying_mid_stream_resets_an_http2_clients_stream() {
         ],
         CHAT_STREAM,
     );
-    let response = h2.request(req).await.unwrap();
+    let response = h2
+        .request(req)
+        .await
+        .expect("the answer's head arrives before the reset");
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), http::Version::HTTP_2);
     let mut body = response.into_body();

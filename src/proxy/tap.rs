@@ -58,6 +58,10 @@ impl StreamEnd {
     }
 }
 
+/// How long an upstream failure is held back before it reaches the server (see
+/// `TapBody::poll_frame`).
+const HOLD_FAILURE: Duration = Duration::from_millis(10);
+
 /// Set once the shutdown's grace period is over: the streams dropped from then on are cut
 /// by the proxy, not left by their clients. One flag for the process, which serves one
 /// proxy and sets it only on its way out.
@@ -194,8 +198,11 @@ where
             settle(this.observer, StreamEnd::Stopped);
             return Poll::Ready(Some(Ok(Frame::data(last))));
         }
-        if let Some(e) = this.failed.take() {
-            return Poll::Ready(Some(Err(TapError::Upstream(e))));
+        if this.failed.is_some() {
+            ready!(this.timer.as_mut().poll(cx));
+            if let Some(e) = this.failed.take() {
+                return Poll::Ready(Some(Err(TapError::Upstream(e))));
+            }
         }
         let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
             return Poll::Ready(None);
@@ -223,13 +230,15 @@ where
             }
             Poll::Ready(Some(Err(e))) => {
                 settle(this.observer, StreamEnd::UpstreamError);
-                // hyper's HTTP/1.1 server drops what it buffered but has not written yet
-                // when a body fails: the response head, frames that were ready together
-                // with the failure. A client then gets no answer at all, and an SDK
-                // retries a request the provider took (and may bill). Held back one
-                // poll, the failure comes after the server flushed, and the client sees
-                // the answer cut short where the provider cut it.
+                // A server drops what it queued but has not written yet when a body fails:
+                // hyper's HTTP/1.1 server its write buffer, its HTTP/2 server the stream's
+                // send queue, the response head included. A client then gets no answer at
+                // all, and an SDK retries a request the provider took (and may bill). Held
+                // back a moment, the failure comes after the server wrote what it had, and
+                // the client sees the answer cut short where the provider cut it.
                 *this.failed = Some(e.into());
+                this.timer.as_mut().reset(Instant::now() + HOLD_FAILURE);
+                ready!(this.timer.as_mut().poll(cx));
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
