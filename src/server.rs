@@ -253,6 +253,9 @@ struct Limits {
     idle: Duration,
 }
 
+/// How often a connection is checked for requests once shutdown has begun.
+const SHUTDOWN_CHECK: Duration = Duration::from_secs(1);
+
 /// What a plain connection's first bytes say it speaks.
 enum FirstBytes {
     Http1,
@@ -337,6 +340,12 @@ impl Conn {
                 _ = self.stop.wait_for(|&stop| stop), if !closing => {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
+                    // Shutting down: a client that ignores the GOAWAY, with nothing open,
+                    // is closed within seconds rather than holding up the drain.
+                    idle = tokio::time::interval_at(
+                        tokio::time::Instant::now() + SHUTDOWN_CHECK,
+                        SHUTDOWN_CHECK,
+                    );
                 }
                 _ = idle.tick() => {
                     let now = self.activity.counts();

@@ -516,6 +516,44 @@ async fn a_connection_that_never_spoke_does_not_hold_up_shutdown() {
     drop(silent);
 }
 
+/// An HTTP/2 client with nothing open that ignores the shutdown's GOAWAY does not make the
+/// proxy wait out its whole grace period.
+#[tokio::test]
+async fn an_idle_http2_client_does_not_hold_up_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let mock = Mock::start();
+    let proxy = Proxy::start(&config(&mock));
+    let mut h2 = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    h2.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    // Served beside it, so it is past its first bytes and an HTTP/2 connection.
+    let (status, _, _) = get(
+        &proxy.url("/openai/v1/models"),
+        &[("authorization", &bearer(KEY_A))],
+    )
+    .await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &proxy.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut proxy = proxy;
+    // The grace period is 10 s.
+    let exit = exit_within(
+        &mut proxy,
+        Duration::from_secs(5),
+        "shutdown waited for an idle HTTP/2 connection",
+    )
+    .await;
+    assert!(exit.success(), "{exit:?}");
+    drop(h2);
+}
+
 /// Waits for the proxy to exit by itself; fails with `why` if it has not within `limit`.
 async fn exit_within(proxy: &mut Proxy, limit: Duration, why: &str) -> std::process::ExitStatus {
     let deadline = Instant::now() + limit;
