@@ -175,6 +175,11 @@ async fn the_upstream_gets_the_body_byte_for_byte_and_the_real_key_only() {
             ("x-stainless-lang", "python"),
             ("openai-organization", "org-123"),
             ("x-custom", "kept"),
+            // Hop-by-hop (RFC 9110 7.6.1): for this connection only, never forwarded.
+            ("connection", "keep-alive, x-hop-me"),
+            ("x-hop-me", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic cHJveHk6c2VjcmV0"),
         ],
         body,
     )
@@ -208,6 +213,10 @@ async fn the_upstream_gets_the_body_byte_for_byte_and_the_real_key_only() {
     assert_eq!(header("x-stainless-lang"), ["python"]);
     assert_eq!(header("openai-organization"), ["org-123"]);
     assert_eq!(header("x-custom"), ["kept"]);
+    for hop in ["x-hop-me", "keep-alive", "proxy-authorization"] {
+        assert!(header(hop).is_empty(), "{hop} was forwarded");
+    }
+    assert!(!header("connection").concat().contains("x-hop-me"));
     assert_eq!(header("host"), [mock.addr.to_string()]);
     assert!(
         !seen.to_string().contains(KEY_A),
