@@ -43,17 +43,8 @@ async fn read_stream(
     );
     let response = client().request(req).await.unwrap();
     let status = response.status().as_u16();
-    let mut body = response.into_body();
-    let mut bytes = Vec::new();
-    loop {
-        match body.frame().await {
-            None => return (status, bytes, Ok(())),
-            Some(Ok(frame)) => {
-                bytes.extend_from_slice(frame.data_ref().map(|d| &d[..]).unwrap_or_default())
-            }
-            Some(Err(e)) => return (status, bytes, Err(e.to_string())),
-        }
-    }
+    let (bytes, end) = read_all(response.into_body()).await;
+    (status, bytes, end.map_err(|e| e.to_string()))
 }
 
 #[tokio::test]
@@ -246,17 +237,7 @@ async fn an_upstream_dying_mid_stream_resets_an_http2_clients_stream() {
         .expect("the answer's head arrives before the reset");
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), http::Version::HTTP_2);
-    let mut body = response.into_body();
-    let mut text = Vec::new();
-    let end = loop {
-        match body.frame().await {
-            None => break Ok(()),
-            Some(Ok(frame)) => {
-                text.extend_from_slice(frame.data_ref().map(|d| &d[..]).unwrap_or_default())
-            }
-            Some(Err(e)) => break Err(e),
-        }
-    };
+    let (text, end) = read_all(response.into_body()).await;
     let text = String::from_utf8(text).unwrap();
     let error = end.expect_err("a cut stream ended cleanly over HTTP/2");
     assert!(format!("{error:?}").contains("INTERNAL_ERROR"), "{error:?}");
@@ -394,11 +375,7 @@ async fn shutdown_lets_in_flight_streams_finish_and_refuses_new_connections() {
     let mut body = response.into_body();
     body.frame().await.unwrap().unwrap();
 
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &proxy.proc.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(proxy.proc.pid(), "TERM");
 
     let mut rest = Vec::new();
     while let Some(frame) = body.frame().await {
@@ -448,22 +425,9 @@ async fn a_stream_outliving_the_grace_period_is_cut_and_still_audited() {
     let mut body = response.into_body();
     body.frame().await.unwrap().unwrap();
 
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &proxy.proc.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(proxy.proc.pid(), "INT");
     let interrupted = Instant::now();
-    let mut text = Vec::new();
-    let end = loop {
-        match body.frame().await {
-            None => break Ok(()),
-            Some(Ok(frame)) => {
-                text.extend_from_slice(frame.data_ref().map(|d| &d[..]).unwrap_or_default())
-            }
-            Some(Err(e)) => break Err(e),
-        }
-    };
+    let (text, end) = read_all(body).await;
     assert!(end.is_err(), "the stream cut at the deadline ended cleanly");
     assert!(!String::from_utf8_lossy(&text).contains("[DONE]"));
     let cut_after = interrupted.elapsed();
@@ -499,11 +463,7 @@ async fn a_connection_that_never_spoke_does_not_hold_up_shutdown() {
     .await;
     assert_eq!(status, 200, "served while the silent connection is open");
 
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &proxy.proc.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(proxy.proc.pid(), "TERM");
     let mut proxy = proxy;
     // The grace period is 10 s: an exit well before it was not waiting for the silent one.
     let exit = exit_within(
@@ -537,11 +497,7 @@ async fn an_idle_http2_client_does_not_hold_up_shutdown() {
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &proxy.proc.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(proxy.proc.pid(), "TERM");
     let mut proxy = proxy;
     // The grace period is 10 s.
     let exit = exit_within(

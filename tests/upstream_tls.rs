@@ -184,17 +184,7 @@ async fn over_tls_a_client_leaving_closes_the_upstream_and_an_upstream_dying_is_
         .await
         .expect("the answer's head arrives before the cut");
     assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let mut text = Vec::new();
-    let end = loop {
-        match body.frame().await {
-            None => break Ok(()),
-            Some(Ok(frame)) => {
-                text.extend_from_slice(frame.data_ref().map(|d| &d[..]).unwrap_or_default())
-            }
-            Some(Err(e)) => break Err(e),
-        }
-    };
+    let (text, end) = read_all(response.into_body()).await;
     assert!(end.is_err(), "a cut stream ended cleanly");
     assert!(!String::from_utf8_lossy(&text).contains("[DONE]"));
     proxy.wait_for_log("end=\"upstream_error\"", 1).await;

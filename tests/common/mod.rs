@@ -498,6 +498,30 @@ pub async fn post_json(
     send(request("POST", url, &all, body.to_owned())).await
 }
 
+/// Reads a response body to its end: its bytes, and how it ended (an error for a stream
+/// cut short, which must never look like a clean end).
+pub async fn read_all(mut body: hyper::body::Incoming) -> (Vec<u8>, Result<(), hyper::Error>) {
+    let mut bytes = Vec::new();
+    loop {
+        match body.frame().await {
+            None => return (bytes, Ok(())),
+            Some(Ok(frame)) => {
+                bytes.extend_from_slice(frame.data_ref().map(|d| &d[..]).unwrap_or_default())
+            }
+            Some(Err(e)) => return (bytes, Err(e)),
+        }
+    }
+}
+
+/// Sends `signal` (`TERM`, `INT`, `HUP`, `KILL`) to a process the test started.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
 pub fn json(body: &[u8]) -> Value {
     serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
