@@ -717,9 +717,9 @@ fn open_files_limit() -> usize {
 #[tokio::test]
 async fn idle_connections_and_slowloris_do_not_stop_the_proxy_serving() {
     let mock = Mock::start();
-    let proxy = Proxy::start(&config_with(&mock, "").replace(
-        "shutdown_grace = \"10s\"",
-        "shutdown_grace = \"10s\"\nheader_read_timeout = \"1s\"",
+    let proxy = Proxy::start(&with_server(
+        &config_with(&mock, ""),
+        "header_read_timeout = \"1s\"",
     ));
     let idle_count = (open_files_limit() / 4).min(2000);
     let mut idle = Vec::with_capacity(idle_count);
@@ -759,9 +759,9 @@ async fn idle_connections_and_slowloris_do_not_stop_the_proxy_serving() {
 async fn a_connection_is_not_closed_as_idle_right_after_a_long_request() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = Mock::start();
-    let proxy = Proxy::start(&config_with(&mock, "").replace(
-        "shutdown_grace = \"10s\"",
-        "shutdown_grace = \"10s\"\nidle_timeout = \"2s\"",
+    let proxy = Proxy::start(&with_server(
+        &config_with(&mock, ""),
+        "idle_timeout = \"2s\"",
     ));
     let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     /// Sends a request and reads until `done` says the answer is complete.
@@ -818,9 +818,9 @@ async fn a_connection_is_not_closed_as_idle_right_after_a_long_request() {
 async fn a_body_that_stalls_gets_408_and_nothing_hangs() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = Mock::start();
-    let proxy = Proxy::start(&config_with(&mock, "").replace(
-        "shutdown_grace = \"10s\"",
-        "shutdown_grace = \"10s\"\nbody_read_timeout = \"1s\"",
+    let proxy = Proxy::start(&with_server(
+        &config_with(&mock, ""),
+        "body_read_timeout = \"1s\"",
     ));
     for (content_type, path) in [
         ("application/json", "/openai/v1/chat/completions"),
@@ -871,9 +871,9 @@ async fn a_body_that_stalls_gets_408_and_nothing_hangs() {
 async fn connections_that_never_make_a_request_are_closed_and_free_their_slots() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = Mock::start();
-    let proxy = Proxy::start(&config_with(&mock, "").replace(
-        "shutdown_grace = \"10s\"",
-        "shutdown_grace = \"10s\"\nheader_read_timeout = \"1s\"\nidle_timeout = \"1s\"\nmax_connections = 3",
+    let proxy = Proxy::start(&with_server(
+        &config_with(&mock, ""),
+        "header_read_timeout = \"1s\"\nidle_timeout = \"1s\"\nmax_connections = 3",
     ));
     let silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let mut split_preface = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();

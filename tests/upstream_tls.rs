@@ -253,9 +253,9 @@ async fn an_unreadable_ca_file_stops_check_and_start_with_its_field() {
 async fn a_stalled_or_oversized_upload_to_a_tls_provider_is_blamed_on_the_client() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = Mock::start_tls();
-    let proxy = Proxy::start(&tls_config(&mock, "").replace(
-        "shutdown_grace = \"10s\"",
-        "shutdown_grace = \"10s\"\nbody_read_timeout = \"1s\"",
+    let proxy = Proxy::start(&with_server(
+        &tls_config(&mock, ""),
+        "body_read_timeout = \"1s\"",
     ));
     // Stalled: half of a declared length, then nothing.
     let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();

@@ -375,6 +375,15 @@ pub fn config(mock: &Mock) -> String {
     config_with(mock, "")
 }
 
+/// `config` with `lines` added to its `[server]` table.
+pub fn with_server(config: &str, lines: &str) -> String {
+    assert!(
+        config.contains("[server]\n"),
+        "no [server] table in {config}"
+    );
+    config.replacen("[server]\n", &format!("[server]\n{lines}\n"), 1)
+}
+
 /// The usual config with extra `[upstream]` lines (time limits for fault tests).
 pub fn config_with(mock: &Mock, upstream: &str) -> String {
     format!(
