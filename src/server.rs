@@ -253,8 +253,16 @@ struct Limits {
     idle: Duration,
 }
 
-/// How often a connection is checked for requests once shutdown has begun.
+/// How often a connection that never made a request is checked once shutdown has begun.
 const SHUTDOWN_CHECK: Duration = Duration::from_secs(1);
+
+/// A check every `period`, the first one period from now. A check late by a stall of the
+/// runtime does not bring the next one closer: each period is whole.
+fn idle_check(period: Duration) -> tokio::time::Interval {
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check
+}
 
 /// What a plain connection's first bytes say it speaks.
 enum FirstBytes {
@@ -325,27 +333,29 @@ impl Conn {
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let mut conn = std::pin::pin!(conn);
-        let mut idle = tokio::time::interval_at(
-            tokio::time::Instant::now() + self.limits.idle,
-            self.limits.idle,
-        );
+        let mut idle = idle_check(self.limits.idle);
         // The requests begun and finished at the last tick: idle means none open, and
         // none begun or finished since, so a whole period without a request.
         let mut seen = (0, 0);
         let mut closing = false;
+        let mut stopping = false;
         let ended = loop {
             tokio::select! {
                 biased;
                 ended = conn.as_mut() => break ended,
-                _ = self.stop.wait_for(|&stop| stop), if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                    // Shutting down: a client that ignores the GOAWAY, with nothing open,
-                    // is closed within seconds rather than holding up the drain.
-                    idle = tokio::time::interval_at(
-                        tokio::time::Instant::now() + SHUTDOWN_CHECK,
-                        SHUTDOWN_CHECK,
-                    );
+                _ = self.stop.wait_for(|&stop| stop), if !stopping => {
+                    stopping = true;
+                    if !closing {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    // A connection that never made a request has nothing to finish
+                    // writing: if its client ignores the GOAWAY, it is closed within
+                    // seconds instead of holding up the drain. One that did may still be
+                    // writing an answer's tail to a slow reader, and gets the grace period.
+                    if self.activity.counts() == (0, 0) {
+                        idle = idle_check(SHUTDOWN_CHECK);
+                    }
                 }
                 _ = idle.tick() => {
                     let now = self.activity.counts();

@@ -134,7 +134,7 @@ pin_project! {
         observer: Option<O>,
         // The observer's last frame, sent before the stream ends early.
         last: Option<Bytes>,
-        // An upstream failure held back for one poll (see `poll_frame`).
+        // An upstream failure held back a moment (see `poll_frame`).
         failed: Option<BoxError>,
     }
 
