@@ -110,20 +110,13 @@ pub async fn run(
         Some(connections),
         |stream, peer, permit| {
             let state = proxy_state.clone();
-            let activity = Activity::new();
-            let watched = activity.clone();
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                let open = watched.open();
-                async move {
-                    let response = proxy::handle(state, req, peer).await;
-                    Ok::<_, Infallible>(response.map(|body| Counted::new(body, open)))
-                }
+                async move { Ok::<_, Infallible>(proxy::handle(state, req, peer).await) }
             });
             let conn = Conn {
                 stop: proxy_stop.clone(),
                 alive: alive.clone(),
-                activity,
                 permit,
                 limits,
             };
@@ -165,20 +158,13 @@ pub async fn run(
     let admin_stop = stop_rx.clone();
     let admin_loop = accept_loop(listeners.admin, stop_rx, None, |stream, peer, permit| {
         let state = admin_state.clone();
-        let activity = Activity::new();
-        let watched = activity.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
-            let open = watched.open();
-            async move {
-                let response = crate::admin::handle(&state, req, peer).await;
-                Ok::<_, Infallible>(response.map(|body| Counted::new(body, open)))
-            }
+            async move { Ok::<_, Infallible>(crate::admin::handle(&state, req, peer).await) }
         });
         let conn = Conn {
             stop: admin_stop.clone(),
             alive: alive.clone(),
-            activity,
             permit,
             limits,
         };
@@ -300,11 +286,10 @@ async fn first_bytes(stream: &TcpStream, limit: Duration) -> FirstBytes {
 }
 
 /// One client connection's bookkeeping: the shutdown signal, the sender whose drop tells
-/// the drain it closed, what its requests are doing, and its connection permit.
+/// the drain it closed, its connection permit and its time limits.
 struct Conn {
     stop: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
-    activity: Arc<Activity>,
     permit: Option<OwnedSemaphorePermit>,
     limits: Limits,
 }
@@ -329,6 +314,14 @@ impl Conn {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        // Each request is counted in when it begins and out when hyper drops its response.
+        let activity = Activity::new();
+        let counted = activity.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let open = counted.open();
+            let response = service.call(req);
+            async move { Ok::<_, S::Error>(response.await?.map(|body| Counted::new(body, open))) }
+        });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
@@ -353,12 +346,12 @@ impl Conn {
                     // writing: if its client ignores the GOAWAY, it is closed within
                     // seconds instead of holding up the drain. One that did may still be
                     // writing an answer's tail to a slow reader, and gets the grace period.
-                    if self.activity.counts() == (0, 0) {
+                    if activity.counts() == (0, 0) {
                         idle = idle_check(SHUTDOWN_CHECK);
                     }
                 }
                 _ = idle.tick() => {
-                    let now = self.activity.counts();
+                    let now = activity.counts();
                     if now == seen && now.0 == now.1 {
                         // Asked to close and still open with nothing in flight (an HTTP/2
                         // client that does not answer the GOAWAY's PING): close it.

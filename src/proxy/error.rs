@@ -64,6 +64,13 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The client's body stalled for `limit`.
+    pub fn body_timeout(limit: std::time::Duration) -> ProxyError {
+        ProxyError::BodyTimeout {
+            timeout: humantime::format_duration(limit).to_string(),
+        }
+    }
+
     pub fn class(&self) -> ErrorClass {
         match self {
             ProxyError::NoRoute => ErrorClass::NotFound,

@@ -588,10 +588,9 @@ async fn forward(
             // reset stream of its own, which would blame the provider.
             let error = match rest.as_ref().and_then(upload::Rest::failure) {
                 Some(upload::Failure::TooLarge) => ProxyError::BodyTooLarge { limit },
-                Some(upload::Failure::Stalled) => ProxyError::BodyTimeout {
-                    timeout: humantime::format_duration(live.config.server.body_read_timeout)
-                        .to_string(),
-                },
+                Some(upload::Failure::Stalled) => {
+                    ProxyError::body_timeout(live.config.server.body_read_timeout)
+                }
                 None => classify_upstream_error(&e, provider, &live.config),
             };
             if let (ProxyError::BodyTooLarge { .. }, Some(rest)) = (&error, rest) {
@@ -815,9 +814,7 @@ async fn read_body(
             rest.drain(limit);
             Err(ProxyError::BodyTooLarge { limit })
         }
-        Err(e) if e.is::<Stalled>() => Err(ProxyError::BodyTimeout {
-            timeout: humantime::format_duration(server.body_read_timeout).to_string(),
-        }),
+        Err(e) if e.is::<Stalled>() => Err(ProxyError::body_timeout(server.body_read_timeout)),
         Err(_) => Err(ProxyError::BodyRead),
     }
 }

@@ -34,7 +34,6 @@ const DRAIN_FOR: Duration = Duration::from_secs(5);
 /// What the upload and its [`Rest`] share: the client's body, and why the upload failed
 /// if it did. The reason is kept here because an HTTP/2 upstream client does not pass a
 /// body's error on (it resets the stream and reports its own).
-#[derive(Default)]
 struct Shared {
     body: Mutex<Option<Incoming>>,
     failed: AtomicU8,
